@@ -1,0 +1,31 @@
+"""kshot: meta-learning in PyTorch.
+
+The public API, in the order data flows through it::
+
+    dataset = kshot.load_dataset("omniglot", "train")              # labelled examples by class
+    sampler = kshot.TaskSampler(dataset, ways=5, shots=1, queries=15, seed=0)
+    learner = kshot.ProtoNet(kshot.create_model("conv4"))
+    loss, metrics = learner.meta_loss(sampler.meta_batch(step=0))    # outer loop: loss.backward()
+    predictor = learner.adapt(support_x, support_y)                  # a task -> a predictor
+    result = kshot.evaluate(learner, kshot.fixed_tasks(test_set, 5, 1, 15))   # mean ± 95% CI
+"""
+
+__version__ = "0.1.0"
+
+from kshot.checkpoint import load_checkpoint, load_learner, save_checkpoint
+from kshot.config import PRESETS, TrainConfig, resolve_config
+from kshot.data import ArrayDataset, FewShotDataset, LabelledDataset, Omniglot, load_dataset
+from kshot.errors import CheckpointError, ConfigError, DataError, KshotError
+from kshot.evaluate import EvalResult, evaluate
+from kshot.learners import Learner, Predictor, ProtoNet, create_learner
+from kshot.models import create_model, register_model
+from kshot.tasks import Task, TaskSampler, fixed_tasks
+from kshot.train import Trainer, train
+
+__all__ = [
+    "ArrayDataset", "CheckpointError", "ConfigError", "DataError", "EvalResult", "FewShotDataset",
+    "KshotError", "LabelledDataset", "Learner", "Omniglot", "PRESETS", "Predictor", "ProtoNet",
+    "Task", "TaskSampler", "TrainConfig", "Trainer", "create_learner", "create_model", "evaluate",
+    "fixed_tasks", "load_checkpoint", "load_dataset", "load_learner", "register_model",
+    "resolve_config", "save_checkpoint", "train",
+]

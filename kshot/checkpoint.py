@@ -1,0 +1,127 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON. No pickle, ever.
+
+One ``.safetensors`` file holds a learner's weights and buffers (``learner.*``), optionally the
+outer optimiser's tensors (``optim.*``), and in its header metadata the JSON needed to rebuild and
+resume: the learner (algorithm, options, backbone spec), the resolved training config, and the
+training state. Loading parses JSON and raw tensors only, so a checkpoint cannot run code.
+Files are written atomically: an interrupted save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kshot.data.archives import atomic_path
+from kshot.errors import CheckpointError
+from kshot.models import create_model, model_spec
+
+FORMAT = "kshot-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, parsed."""
+
+    learner: dict[str, Any]  # {"algo", "options", "model": {"name", "kwargs"}}
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    train_state: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None  # an optimizer.state_dict(), rebuilt
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | os.PathLike, learner: torch.nn.Module, config: dict | None = None,
+                    train_state: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write ``learner`` (and optionally the optimiser and training state) to ``path`` atomically."""
+    tensors = {f"learner.{k}": v.detach().contiguous().clone().cpu() for k, v in learner.state_dict().items()}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "learner": {"algo": learner.algo, "options": learner.options(), "model": model_spec(learner.model)},
+        "config": config or {},
+        "train_state": train_state or {},
+        "extra": extra or {},
+    }
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, slots in state["state"].items():
+            for key, value in slots.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().clone().cpu()
+                else:
+                    scalars.setdefault(str(idx), {})[key] = value
+        meta["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars,
+                             "slots": sorted({str(i) for i in state["state"]})}
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Parse a checkpoint written by :func:`save_checkpoint`; any problem is a CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f"{path} is a directory with no best.safetensors or last.safetensors")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        meta = {k: json.loads(v) for k, v in header.items()}
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable kshot checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if meta.get("format") != FORMAT or "learner" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not a kshot checkpoint (format "
+                              f"{meta.get('format')!r}, expected {FORMAT!r})")
+    state_dict = {k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")}
+    optimizer = None
+    if "optimizer" in meta:
+        om = meta["optimizer"]
+        state: dict[int, dict[str, Any]] = {int(i): dict(om["scalars"].get(i, {})) for i in om["slots"]}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        optimizer = {"state": state, "param_groups": om["param_groups"]}
+    return Checkpoint(learner=meta["learner"], state_dict=state_dict, config=meta.get("config", {}),
+                      train_state=meta.get("train_state", {}), optimizer=optimizer,
+                      extra=meta.get("extra", {}))
+
+
+def build_learner(ckpt: Checkpoint):
+    """Rebuild the learner a checkpoint describes and load its weights."""
+    from kshot.learners import create_learner
+
+    spec = ckpt.learner
+    try:
+        model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
+        learner = create_learner(spec["algo"], model, **spec.get("options", {}))
+        learner.load_state_dict(ckpt.state_dict)
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"the checkpoint does not match the learner it describes "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    return learner
+
+
+def load_learner(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The trained learner saved at ``path`` (a file, or a run directory), in eval mode."""
+    learner = build_learner(load_checkpoint(path))
+    return learner.to(device).eval()

@@ -1,0 +1,185 @@
+"""The ``kshot`` command: thin wrappers that parse, call the Python API, and print.
+
+Every error a user can cause ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+from kshot.config import MIN_TEST_TASKS, PRESETS, TrainConfig
+from kshot.errors import KshotError
+
+#: Subcommands contributed by other modules: name -> (add_arguments, run).
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    """Register ``kshot <name>``: decorate ``run(args)``; its ``.arguments`` adds the options."""
+    def wrap(run: Callable[[argparse.Namespace], int]):
+        def arguments(fn: Callable[[argparse.ArgumentParser], None]):
+            COMMANDS[name] = (help, fn, run)
+            return fn
+        run.arguments = arguments  # type: ignore[attr-defined]
+        COMMANDS[name] = (help, lambda p: None, run)
+        return run
+    return wrap
+
+
+def _field_help() -> dict[str, str]:
+    """Help texts from the comments beside TrainConfig's fields."""
+    source = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^\n=]+=[^\n#]*#\s*(.+)$", source, re.M)}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    helps = _field_help()
+    group = parser.add_argument_group("settings (override the preset and config file)")
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str, "dict": str}[f.type]  # type: ignore[index]
+        metavar = "JSON" if f.type == "dict" else f.type.upper()  # type: ignore[union-attr]
+        group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=metavar,
+                           help=helps.get(f.name, "").replace("%", "%%"))
+
+
+# ----------------------------------------------------------------------------- train
+@command("train", "meta-train a learner (resumes the run in --run-dir if there is one)")
+def run_train(args: argparse.Namespace) -> int:
+    from kshot.config import resolve_config
+    from kshot.train import train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
+    config = resolve_config(args.preset, args.config, overrides)
+    run_dir = Path(args.run_dir or Path("runs") / (config.preset or f"{config.algo}-{config.dataset}"))
+    result = train(config, run_dir, resume=not args.no_resume, progress=not args.quiet)
+    print(f"run directory: {run_dir}")
+    if result.best_val:
+        bv = result.best_val
+        print(f"best meta-validation: {100 * bv['acc']:.2f} ± {100 * bv['acc_ci95']:.2f} % "
+              f"at step {bv['step']} ({config.eval_ways}-way {config.eval_shots}-shot)")
+    if result.test:
+        t = result.test
+        print(f"meta-test ({t['tasks']} tasks, {t['ways']}-way {t['shots']}-shot): "
+              f"{100 * t['acc']:.2f} ± {100 * t['acc_ci95']:.2f} %")
+    return 0
+
+
+@run_train.arguments
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="start from a named preset (`kshot presets` lists them)")
+    p.add_argument("--config", help="a TOML, YAML or JSON file of settings")
+    p.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<preset>)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even if --run-dir holds a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_arguments(p)
+
+
+# ----------------------------------------------------------------------------- eval
+@command("eval", "accuracy of a checkpoint on fixed test tasks, mean ± 95% CI")
+def run_eval(args: argparse.Namespace) -> int:
+    from kshot.checkpoint import build_learner, load_checkpoint
+    from kshot.config import config_from_dict
+    from kshot.data import load_dataset
+    from kshot.errors import ConfigError
+    from kshot.evaluate import evaluate
+    from kshot.tasks import EVAL_SEED, fixed_tasks
+    from kshot.train import dataset_settings, resolve_device
+
+    if args.tasks < MIN_TEST_TASKS:
+        raise ConfigError(f"--tasks {args.tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
+    ckpt = load_checkpoint(args.checkpoint)
+    config = config_from_dict(ckpt.config)
+    for name in ("dataset", "protocol", "data_dir", "cache_dir", "image_size"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    ways = args.ways or config.eval_ways
+    shots = args.shots or config.eval_shots
+    learner = build_learner(ckpt).to(resolve_device(args.device))
+    dataset = load_dataset(config.dataset, args.split, **dataset_settings(config))
+    tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks,
+                        seed=EVAL_SEED if args.seed is None else args.seed)
+    result = evaluate(learner, tasks, device=args.device, progress=not args.quiet)
+    print(f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol}) {args.split}: "
+          f"{ways}-way {shots}-shot, {args.queries} queries per class")
+    print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
+    if args.out:
+        from kshot.data.archives import atomic_write_text
+
+        record = {"checkpoint": str(args.checkpoint), "split": args.split, "ways": ways, "shots": shots,
+                  "queries": args.queries, "dataset": config.dataset, "protocol": config.protocol,
+                  **result.summary()}
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+@run_eval.arguments
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument("--ways", type=int, default=0, help="classes per task (default: the run's test ways)")
+    p.add_argument("--shots", type=int, default=0, help="support examples per class (default: the run's)")
+    p.add_argument("--queries", type=int, default=15, help="query examples per class (default: 15)")
+    p.add_argument("--tasks", type=int, default=1000, help=f"fixed test tasks (default 1000, at least {MIN_TEST_TASKS})")
+    p.add_argument("--split", default="test", choices=("test", "val", "train", "trainval"))
+    p.add_argument("--seed", type=int, default=None, help="seed of the task set (default: kshot's fixed one)")
+    p.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
+    p.add_argument("--protocol", help="dataset split protocol")
+    p.add_argument("--image-size", type=int, dest="image_size")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- presets
+@command("presets", "list the named presets and the published figures they reproduce")
+def run_presets(args: argparse.Namespace) -> int:
+    width = max(len(n) for n in PRESETS)
+    for name, (description, _) in sorted(PRESETS.items()):
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kshot", description="Meta-learning: train, evaluate and "
+                                     "adapt few-shot learners.")
+    from kshot import __version__
+
+    parser.add_argument("--version", action="version", version=f"kshot {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KshotError as e:
+        print(f"kshot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kshot: interrupted (a run resumes from its last checkpoint with the same command)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

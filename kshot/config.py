@@ -1,0 +1,228 @@
+"""Training settings: one dataclass, named presets for published settings, files and overrides.
+
+Precedence, lowest first: the dataclass defaults, a ``--preset``, a ``--config`` file (TOML, YAML
+or JSON), then single settings given on the command line. The resolved config is saved beside
+every checkpoint and results file, so a run can always be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kshot.errors import ConfigError
+
+
+#: Fewer test tasks give confidence intervals too wide to compare methods by.
+MIN_TEST_TASKS = 600
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a meta-training run. Field comments are the command line's help texts."""
+
+    # -- what is learned, from what
+    algo: str = "protonet"  # meta-learning algorithm
+    dataset: str = "omniglot"  # dataset name
+    protocol: str = "vinyals"  # dataset split protocol (omniglot: vinyals | lake)
+    image_size: int = 28  # side of the square input images
+    backbone: str = "conv4"  # backbone network
+    backbone_options: dict = field(default_factory=dict)  # extra backbone arguments, e.g. {"hidden": 32}
+    # -- tasks
+    ways: int = 5  # classes per training task (N)
+    shots: int = 1  # support examples per class (K)
+    queries: int = 15  # query examples per class in training tasks (Q)
+    test_ways: int = 0  # classes per validation/test task (0: same as ways)
+    test_shots: int = 0  # support examples per class at validation/test (0: same as shots)
+    test_queries: int = 15  # query examples per class at validation/test
+    meta_batch_size: int = 1  # tasks per outer step
+    # -- outer loop
+    steps: int = 10_000  # outer steps (meta-batches) to train for
+    optimizer: str = "adam"  # outer optimiser: adam | adamw | sgd
+    lr: float = 1e-3  # outer learning rate
+    weight_decay: float = 0.0  # outer weight decay
+    momentum: float = 0.9  # momentum of the sgd outer optimiser
+    lr_schedule: str = "step"  # constant | step | cosine
+    lr_decay_every: int = 2000  # step schedule: multiply the lr by lr_decay_factor this often
+    lr_decay_factor: float = 0.5  # step schedule factor
+    grad_clip: float = 0.0  # clip the meta-gradient norm to this (0: off)
+    # -- learner options (each learner reads the ones it uses)
+    distance: str = "euclidean"  # protonet: euclidean | cosine
+    temperature: float = 10.0  # protonet: scale of cosine similarities
+    # -- validation, checkpoints, logging
+    val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
+    val_tasks: int = 200  # fixed validation tasks
+    checkpoint_every: int = 500  # write last.safetensors every this many steps
+    log_every: int = 50  # average training metrics over this many steps per log record
+    test_tasks: int = 1000  # fixed test tasks evaluated with the best checkpoint at the end (0: skip)
+    seed: int = 0  # seed of the model init and of the task stream
+    num_workers: int = 0  # DataLoader worker processes for task sampling (0: a background thread)
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    # -- where things are
+    data_dir: str = ""  # archives (default: $KSHOT_DATA_DIR, else the user cache)
+    cache_dir: str = ""  # writable caches (default: $KSHOT_CACHE_DIR, else the user cache)
+    preset: str = ""  # name of the preset this config started from
+    extra: dict = field(default_factory=dict)  # free-form settings for user extensions
+
+    @property
+    def eval_ways(self) -> int:
+        return self.test_ways or self.ways
+
+    @property
+    def eval_shots(self) -> int:
+        return self.test_shots or self.shots
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        positive = ("ways", "shots", "meta_batch_size", "steps", "image_size", "test_queries")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("queries", "val_every", "val_tasks", "checkpoint_every", "test_tasks",
+                     "num_workers", "threads", "test_ways", "test_shots", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, not {self.lr}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose adam, adamw or sgd")
+        if self.lr_schedule not in ("constant", "step", "cosine"):
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose constant, step or cosine")
+        if 0 < self.test_tasks < MIN_TEST_TASKS:
+            raise ConfigError(f"test_tasks={self.test_tasks}: a reported accuracy needs at least "
+                              f"{MIN_TEST_TASKS} test tasks (or 0 to skip the final test)")
+        if self.log_every < 1:
+            raise ConfigError("log_every must be at least 1")
+        return self
+
+
+# name -> (description, overrides). Each names the paper table cell it reproduces.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def _protonet_omniglot(test_ways: int, shots: int) -> dict[str, Any]:
+    # Snell et al. 2017, section 3.1: 60-way training episodes, 5 queries per class, Adam 1e-3
+    # halved every 2,000 episodes; test on 5- or 20-way tasks with the training shot count.
+    return dict(algo="protonet", dataset="omniglot", protocol="vinyals", image_size=28,
+                backbone="conv4", ways=60, shots=shots, queries=5, test_ways=test_ways,
+                test_shots=shots, test_queries=15, meta_batch_size=1, optimizer="adam", lr=1e-3,
+                lr_schedule="step", lr_decay_every=2000, lr_decay_factor=0.5, steps=20_000,
+                val_every=1000, val_tasks=300, checkpoint_every=500)
+
+
+for _ways, _paper in ((5, {1: 98.8, 5: 99.7}), (20, {1: 96.0, 5: 98.9})):
+    for _shots in (1, 5):
+        PRESETS[f"protonet-omniglot-{_ways}way-{_shots}shot"] = (
+            f"Prototypical Networks, Omniglot {_ways}-way {_shots}-shot (Snell et al. 2017: "
+            f"{_paper[_shots]}%), trained 60-way {_shots}-shot",
+            _protonet_omniglot(_ways, _shots))
+
+PRESETS["quick"] = ("A one-minute smoke run: Omniglot 5-way 1-shot ProtoNet, 300 steps",
+                    dict(algo="protonet", dataset="omniglot", ways=5, shots=1, queries=5, steps=300,
+                         val_every=100, val_tasks=100, checkpoint_every=100, test_tasks=600,
+                         lr_schedule="constant"))
+
+
+def register_preset(name: str, description: str, overrides: dict[str, Any]) -> None:
+    """Add a named preset (learner modules register the settings of their papers)."""
+    unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"preset {name!r} sets unknown fields {sorted(unknown)}")
+    PRESETS[name] = (description, dict(overrides))
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        close = [p for p in PRESETS if name.split("-")[0] in p][:4] or sorted(PRESETS)[:4]
+        raise ConfigError(f"unknown preset {name!r}; `kshot presets` lists them (e.g. {', '.join(close)})")
+    return dict(PRESETS[name][1], preset=name)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a TOML, YAML or JSON file (a flat mapping of TrainConfig fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # yaml.YAMLError, without importing yaml up front
+        if type(e).__module__.startswith("yaml"):
+            raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check and convert one setting to its field's type (files give ints for floats, etc.)."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    if name not in kinds:
+        raise ConfigError(f"unknown setting {name!r}; `kshot train --help` lists them")
+    kind = kinds[name]
+    try:
+        if kind == "bool":
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            return str(value)
+        if kind == "dict":
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name} must be of type {kind}, not {value!r}") from None
+    return value
+
+
+def resolve_config(preset_name: str | None = None, file: str | os.PathLike | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then preset, then file, then overrides; validated."""
+    values: dict[str, Any] = {}
+    if file:
+        from_file = read_config_file(file)
+        preset_name = preset_name or from_file.pop("preset", None)
+        from_file.pop("preset", None)
+    else:
+        from_file = {}
+    if preset_name:
+        values.update(preset(preset_name))
+    values.update(from_file)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a saved config, ignoring fields this version does not know."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: _coerce(k, v) for k, v in data.items() if k in known})

@@ -1,0 +1,22 @@
+"""The errors kshot raises on bad input.
+
+Every error a user can cause (a missing archive, an impossible task, an unreadable checkpoint)
+is a :class:`KshotError` whose message is one line saying what was wrong and what to do. The
+command line prints that line and exits with status 2; the Python API lets it propagate.
+"""
+
+
+class KshotError(Exception):
+    """Base class: bad input that the user can fix."""
+
+
+class DataError(KshotError):
+    """A dataset or archive is missing, corrupt, or cannot give what was asked of it."""
+
+
+class ConfigError(KshotError):
+    """A setting is unknown, malformed, or inconsistent with another."""
+
+
+class CheckpointError(KshotError):
+    """A checkpoint is missing, unreadable, or was not written by kshot."""

@@ -1,0 +1,21 @@
+"""Meta-learners, registered by algorithm name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kshot.errors import ConfigError
+from kshot.learners.base import Learner, Predictor
+from kshot.learners.protonet import ProtoNet
+
+LEARNERS: dict[str, type[Learner]] = {cls.algo: cls for cls in (ProtoNet,)}
+
+
+def create_learner(algo: str, model: nn.Module, **options) -> Learner:
+    """Wrap ``model`` in the learner registered as ``algo`` with its ``options``."""
+    if algo not in LEARNERS:
+        raise ConfigError(f"unknown algorithm {algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+    return LEARNERS[algo](model, **options)
+
+
+__all__ = ["LEARNERS", "Learner", "Predictor", "ProtoNet", "create_learner"]

@@ -1,0 +1,120 @@
+"""The contract between learners and everything else.
+
+A learner does two things:
+
+* ``adapt(support_x, support_y)`` turns one task's support set into a :class:`Predictor` for
+  that task's classes (prototypes, fine-tuned weights, a similarity to the support examples).
+* ``meta_gradient(tasks)`` leaves in ``.grad`` of its meta-parameters the gradient of the mean
+  query loss over a meta-batch, and returns metrics. The trainer knows learners only through
+  this method (plus ``state_dict``), so any learner trains, resumes and distributes alike.
+
+The default ``meta_gradient`` is the textbook loop, written with the public API: for each task,
+``adapt`` on the support set, loss on the query set; average; backward. Learners override it
+only to compute the same numbers faster, and tests hold them to that.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kshot.models import create_model, input_kwargs
+from kshot.tasks import Task
+
+
+class Predictor:
+    """A learner adapted to one task: maps inputs to scores over that task's ``ways`` classes.
+
+    Args:
+        logits_fn: inputs ``[n, ...]`` -> scores ``[n, ways]`` (higher means more likely).
+        ways: number of classes of the task.
+    """
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], ways: int):
+        self._logits_fn = logits_fn
+        self.ways = ways
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits_fn(x)
+
+    __call__ = logits
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[n, ways]``."""
+        return self.logits(x).softmax(-1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted labels ``[n]`` in 0..ways-1."""
+        return self.logits(x).argmax(-1)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+class Learner(nn.Module, ABC):
+    """Base class of every meta-learner. Subclasses set ``algo`` and implement :meth:`adapt`."""
+
+    #: Registry name of the algorithm (``protonet``, ``maml``, ...).
+    algo: ClassVar[str]
+    #: TrainConfig fields this learner takes as constructor options.
+    config_options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def backbone_overrides(cls, config) -> dict:
+        """Backbone arguments the algorithm itself requires (e.g. a linear head of ``ways``)."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config, example_shape: Sequence[int]) -> "Learner":
+        """Build the backbone named by ``config`` for examples of ``example_shape``, and wrap it."""
+        kwargs = {**input_kwargs(config.backbone, example_shape), **cls.backbone_overrides(config),
+                  **config.backbone_options}
+        model = create_model(config.backbone, **kwargs)
+        return cls(model, **{name: getattr(config, name) for name in cls.config_options})
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @abstractmethod
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
+              ways: int | None = None) -> Predictor:
+        """A predictor for the task whose labelled support set is given.
+
+        In training mode with gradients enabled the predictor stays differentiable with respect
+        to the meta-parameters, so ``loss(adapt(...)(query_x), query_y).backward()`` meta-trains.
+        """
+
+    def options(self) -> dict:
+        """The learner's own settings (everything but the model), as saved in checkpoints."""
+        return {}
+
+    def query_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    def meta_loss(self, tasks: Sequence[Task]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean query loss over ``tasks`` (differentiable) and metrics averaged over them."""
+        total, correct = 0.0, 0.0
+        losses = []
+        for task in tasks:
+            predictor = self.adapt(task.support_x, task.support_y, task.ways)
+            logits = predictor.logits(task.query_x)
+            loss = self.query_loss(logits, task.query_y)
+            losses.append(loss)
+            total += loss.item()
+            correct += accuracy(logits, task.query_y)
+        n = len(tasks)
+        return torch.stack(losses).mean(), {"loss": total / n, "acc": correct / n}
+
+    def meta_gradient(self, tasks: Sequence[Task], scale: float = 1.0) -> dict[str, float]:
+        """Accumulate ``scale * d(mean query loss)/d(meta-parameters)`` into ``.grad``."""
+        loss, metrics = self.meta_loss(tasks)
+        (loss * scale).backward()
+        return metrics

@@ -1,0 +1,386 @@
+"""The outer loop, one for every learner: meta-batches in, meta-gradient steps, validation on
+fixed tasks, checkpoints that resume exactly, metrics in JSON lines and a plot.
+
+Run directory layout::
+
+    <run_dir>/config.json        the resolved TrainConfig
+    <run_dir>/last.safetensors   weights + optimiser + step, written every checkpoint_every steps
+    <run_dir>/best.safetensors   weights of the best meta-validation score so far
+    <run_dir>/metrics.jsonl      one record per log_every training steps and per validation
+    <run_dir>/curves.png         training and validation curves
+    <run_dir>/results.json       final test accuracy (mean ± 95% CI) of the best checkpoint
+
+Training is a pure function of the config: tasks ``(step, i)`` come from the seed, the
+learning rate from the step, and everything else is in ``last.safetensors``. So a run killed at
+any point and started again with the same command ends with the same weights as if it had never
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from kshot.checkpoint import load_checkpoint, save_checkpoint
+from kshot.config import TrainConfig, config_from_dict
+from kshot.data import load_dataset
+from kshot.data.archives import atomic_write_text
+from kshot.distributed import Distributed, single_process
+from kshot.errors import CheckpointError, ConfigError
+from kshot.evaluate import EvalResult, evaluate
+from kshot.learners import LEARNERS, Learner
+from kshot.tasks import MetaBatch, Task, TaskSampler, fixed_tasks, identity_collate
+
+#: Settings that may change between a run and its resumption without changing what is learned.
+RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "log_every", "test_tasks",
+                     "num_workers", "threads", "device", "data_dir", "cache_dir"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_val: dict | None
+    test: dict | None
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The outer learning rate at ``step``; a function of the step alone, so it needs no state."""
+    if config.lr_schedule == "step":
+        return config.lr * config.lr_decay_factor ** (step // max(config.lr_decay_every, 1))
+    if config.lr_schedule == "cosine":
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, config.steps) / config.steps))
+    return config.lr
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
+    if config.algo not in LEARNERS:
+        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+    torch.manual_seed(config.seed)
+    return LEARNERS[config.algo].from_config(config, example_shape)
+
+
+def dataset_settings(config: TrainConfig) -> dict:
+    return dict(protocol=config.protocol, image_size=config.image_size,
+                data_dir=config.data_dir or None, cache_dir=config.cache_dir or None, **config.extra)
+
+
+class Prefetcher:
+    """Builds upcoming meta-batches in a background thread while the current one trains."""
+
+    def __init__(self, sampler: TaskSampler, start: int, stop: int, indices: Sequence[int], depth: int = 3):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+        def work():
+            try:
+                for step in range(start, stop):
+                    item = (step, sampler.meta_batch(step, indices))
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+            except BaseException as e:  # hand the error to the consumer
+                self._queue.put(e)
+
+        self._thread = threading.Thread(target=work, daemon=True, name="kshot-prefetch")
+        self._thread.start()
+        self._remaining = stop - start
+
+    def __iter__(self) -> Iterator[tuple[int, MetaBatch]]:
+        for _ in range(self._remaining):
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class Trainer:
+    """Meta-trains ``learner`` on tasks from ``sampler``; see the module docstring for the files.
+
+    Args:
+        config: the run's settings.
+        run_dir: where checkpoints, metrics and plots go.
+        learner: the learner to train (built from the config when omitted).
+        sampler: training tasks (built from the config's dataset when omitted).
+        val_tasks / test_tasks: fixed tasks (built from the config's dataset when omitted).
+        dist: the process group (single process by default).
+        progress: show a progress bar.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, learner: Learner | None = None,
+                 sampler: TaskSampler | None = None, val_tasks: Sequence[Task] | None = None,
+                 test_tasks: Sequence[Task] | None = None, dist: Distributed | None = None,
+                 progress: bool = True):
+        self.config = config.validate()
+        self.run_dir = Path(run_dir)
+        self.dist = dist or single_process()
+        self.progress = progress and self.dist.is_main
+        self.device = resolve_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if self.config.meta_batch_size % self.dist.world_size:
+            raise ConfigError(f"meta_batch_size {config.meta_batch_size} does not divide across "
+                              f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
+        settings = dataset_settings(config)
+        if sampler is None:
+            train_set = load_dataset(config.dataset, "train", **settings)
+            sampler = TaskSampler(train_set, config.ways, config.shots, config.queries, seed=config.seed,
+                                  meta_batch_size=config.meta_batch_size)
+        self.sampler = sampler
+        self._val_tasks, self._test_tasks = val_tasks, test_tasks
+        if learner is None:
+            learner = build_learner(config, sampler.dataset.example_shape)
+        self.learner = learner.to(self.device)
+        self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
+        self.step = 0
+        self.best_val: dict | None = None
+
+    # ------------------------------------------------------------------ fixed tasks
+    def _fixed(self, split: str, n_tasks: int) -> Sequence[Task]:
+        c = self.config
+        dataset = load_dataset(c.dataset, split, **dataset_settings(c))
+        return fixed_tasks(dataset, c.eval_ways, c.eval_shots, c.test_queries, n_tasks)
+
+    @property
+    def val_tasks(self) -> Sequence[Task]:
+        if self._val_tasks is None:
+            self._val_tasks = self._fixed("val", self.config.val_tasks)
+        return self._val_tasks
+
+    @property
+    def test_tasks(self) -> Sequence[Task]:
+        if self._test_tasks is None:
+            self._test_tasks = self._fixed("test", self.config.test_tasks)
+        return self._test_tasks
+
+    # ------------------------------------------------------------------ files
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.safetensors"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save(self, path: Path, with_optimizer: bool) -> None:
+        if self.dist.is_main:
+            save_checkpoint(path, self.learner, config=self.config.to_dict(),
+                            train_state={"step": self.step, "best_val": self.best_val},
+                            optimizer=self.optimizer if with_optimizer else None)
+
+    def _resume(self) -> None:
+        """Continue from last.safetensors if this run directory has one."""
+        if not self.last_path.is_file():
+            return
+        ckpt = load_checkpoint(self.last_path)
+        saved = config_from_dict(ckpt.config).to_dict()
+        now = self.config.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
+            raise ConfigError(f"{self.run_dir} holds a run with other settings ({diffs}); "
+                              f"use another --run-dir, or delete {self.last_path} to start over")
+        try:
+            self.learner.load_state_dict(ckpt.state_dict)
+            if ckpt.optimizer is not None:
+                self.optimizer.load_state_dict(ckpt.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{self.last_path} does not fit this run's learner ({e}); "
+                                  f"use another --run-dir") from None
+        self.step = int(ckpt.train_state.get("step", 0))
+        self.best_val = ckpt.train_state.get("best_val")
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records written after the checkpoint we resume from (and any torn last line)."""
+        if not self.dist.is_main or not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self, start: int, stop: int) -> Iterator[tuple[int, MetaBatch]]:
+        indices = self.dist.task_indices(self.config.meta_batch_size)
+        if self.config.num_workers > 0:
+            loader = DataLoader(self.sampler.stream(start, stop, indices), batch_size=None,
+                                num_workers=self.config.num_workers, collate_fn=identity_collate,
+                                prefetch_factor=4)
+            yield from loader
+            return
+        prefetcher = Prefetcher(self.sampler, start, stop, indices)
+        try:
+            yield from prefetcher
+        finally:
+            prefetcher.close()
+
+    def validate(self) -> EvalResult:
+        return evaluate(self.learner, self.val_tasks, device=self.device, progress=False)
+
+    def _is_better(self, result: dict) -> bool:
+        if self.best_val is None:
+            return True
+        if not math.isnan(result["acc"]):
+            return result["acc"] > self.best_val["acc"]
+        return result["loss"] < self.best_val["loss"]
+
+    def fit(self, resume: bool = True, stop_after: int | None = None) -> TrainResult:
+        """Train to ``config.steps`` (or ``stop_after`` steps from now), then test the best checkpoint."""
+        c = self.config
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        elif self.dist.is_main and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
+        start = self.step
+        stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
+        params = [p for p in self.learner.parameters() if p.requires_grad]
+        window: dict[str, float] = {}
+        n_window, busy, waited = 0, 0.0, 0.0
+        t_begin = time.perf_counter()
+        bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {c.ways}-way {c.shots}-shot",
+                   disable=not self.progress, dynamic_ncols=True)
+        self.learner.train()
+        batches = self._batches(start, stop)
+        t_ready = time.perf_counter()
+        try:
+            for step, batch in batches:
+                t_got = time.perf_counter()
+                waited += t_got - t_ready
+                assert step == self.step, (step, self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(c, step)
+                batch = [t.to(self.device, non_blocking=True) for t in batch]
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics = self.learner.meta_gradient(batch)
+                self.dist.average_gradients(params)
+                if c.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0.0) + v
+                n_window += 1
+                t_ready = time.perf_counter()
+                busy += t_ready - t_got
+                if self.step % c.log_every == 0 or self.step == stop:
+                    record = {"step": self.step, "split": "train", **{k: v / n_window for k, v in window.items()},
+                              "lr": learning_rate(c, step),
+                              "tasks_per_s": n_window * c.meta_batch_size / max(busy + waited, 1e-9),
+                              "data_wait": waited / max(busy + waited, 1e-9)}
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
+                    window, n_window, busy, waited = {}, 0, 0.0, 0.0
+                if c.val_every and (self.step % c.val_every == 0 or self.step == c.steps):
+                    self._validate_and_keep_best()
+                if self.step % c.checkpoint_every == 0 or self.step == stop:
+                    self._save(self.last_path, with_optimizer=True)
+                bar.update(1)
+                t_ready = time.perf_counter()
+        finally:
+            bar.close()
+            batches.close()
+        seconds = time.perf_counter() - t_begin
+        test = None
+        if self.step >= c.steps:
+            if not self.best_path.exists() and self.dist.is_main:
+                self._save(self.best_path, with_optimizer=False)  # no validation: the final weights
+            test = self._final_test(seconds)
+        return TrainResult(self.run_dir, self.step, self.best_val, test, seconds)
+
+    def _validate_and_keep_best(self) -> None:
+        if self.dist.is_main:
+            result = self.validate().summary()
+            self._log({"step": self.step, "split": "val", **result})
+            if self._is_better(result):
+                self.best_val = {"step": self.step, **result}
+                self._save(self.best_path, with_optimizer=False)
+            if self.progress:
+                tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
+                           f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}")
+        self.dist.barrier()
+
+    def _final_test(self, seconds: float) -> dict | None:
+        if not self.dist.is_main:
+            return None
+        from kshot.plots import plot_curves
+
+        plot_curves(self.metrics_path, self.run_dir / "curves.png")
+        if not self.config.test_tasks:
+            return None
+        best = load_checkpoint(self.best_path)
+        current = {k: v.clone() for k, v in self.learner.state_dict().items()}
+        self.learner.load_state_dict(best.state_dict)
+        try:
+            result = evaluate(self.learner, self.test_tasks, device=self.device, progress=self.progress,
+                              desc="testing").summary()
+        finally:
+            self.learner.load_state_dict(current)
+        c = self.config
+        summary = {"test": {**result, "ways": c.eval_ways, "shots": c.eval_shots},
+                   "best_val": self.best_val, "steps": self.step, "train_seconds_this_session": seconds,
+                   "config": c.to_dict()}
+        atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+        return summary["test"]
+
+
+def train(config: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
+          stop_after: int | None = None, **components) -> TrainResult:
+    """Meta-train as ``config`` says, in ``run_dir`` (resuming a run found there)."""
+    trainer = Trainer(config, run_dir, progress=progress, **components)
+    return trainer.fit(resume=resume, stop_after=stop_after)

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real data directory, one writable cache per session, no network.
+
+Tests read archives from ``$KSHOT_DATA_DIR`` (CI: ``../shared/data``) and never download:
+``KSHOT_OFFLINE=1`` makes a missing archive an error, and sockets are refused outright.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("KSHOT_DATA_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+DATA_DIR = _data_dir()
+if not (DATA_DIR / "omniglot" / "images_background.zip").is_file():
+    raise pytest.UsageError(
+        f"the real data is not at {DATA_DIR}: set KSHOT_DATA_DIR to the folder holding omniglot/ "
+        f"(see README.md, 'Running the tests')")
+
+os.environ["KSHOT_DATA_DIR"] = str(DATA_DIR)
+os.environ["KSHOT_OFFLINE"] = "1"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A writable cache shared by the session (``$KSHOT_CACHE_DIR`` when CI sets one)."""
+    env = os.environ.get("KSHOT_CACHE_DIR")
+    path = Path(env) if env else tmp_path_factory.mktemp("kshot-cache")
+    os.environ["KSHOT_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch, cache_dir):
+    def refuse(*args, **kwargs):
+        raise OSError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("KSHOT_CACHE_DIR", str(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def omniglot(cache_dir):
+    """Loader of Omniglot splits from the session cache: ``omniglot("test")``."""
+    from kshot.data import Omniglot
+
+    loaded = {}
+
+    def get(split: str = "train", protocol: str = "vinyals", **kwargs):
+        key = (split, protocol, tuple(sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = Omniglot(split, protocol=protocol, cache_dir=cache_dir, **kwargs)
+        return loaded[key]
+
+    return get
