@@ -210,9 +210,11 @@ class Trainer:
 
     def _save(self, path: Path, with_optimizer: bool) -> None:
         if self.dist.is_main:
+            fmt = getattr(self.sampler.dataset, "image_format", None)
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
                             train_state={"step": self.step, "best_val": self.best_val},
-                            optimizer=self.optimizer if with_optimizer else None)
+                            optimizer=self.optimizer if with_optimizer else None,
+                            extra={"image_format": fmt.to_dict()} if fmt is not None else None)
 
     def _resume(self) -> None:
         """Continue from last.safetensors if this run directory has one."""

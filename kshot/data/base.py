@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kshot.data.images import ImageFormat
 from kshot.errors import DataError
 
 
@@ -26,6 +27,9 @@ class FewShotDataset(ABC):
 
     #: One human-readable name per class, in class order.
     class_names: list[str]
+    #: How image files map to this dataset's examples (None for non-image data). Saved in
+    #: checkpoints so that ``kshot adapt`` can read a user's files the way the model expects.
+    image_format: ImageFormat | None = None
 
     @abstractmethod
     def class_examples(self) -> Sequence[np.ndarray]:
@@ -70,6 +74,7 @@ class ClassSubset(FewShotDataset):
         examples = parent.class_examples()
         self._examples = [examples[c] for c in classes]
         self.class_names = [parent.class_names[c] for c in classes]
+        self.image_format = parent.image_format
 
     def class_examples(self) -> Sequence[np.ndarray]:
         return self._examples

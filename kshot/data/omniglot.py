@@ -33,6 +33,7 @@ import torch
 from kshot.data.archives import (RemoteFile, atomic_path, cache_dir, file_lock, find_archive,
                                  open_zip)
 from kshot.data.base import FewShotDataset
+from kshot.data.images import ImageFormat
 from kshot.errors import DataError
 
 _BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
@@ -178,6 +179,7 @@ class Omniglot(FewShotDataset):
             raise DataError(f"the Omniglot cache {path} is unreadable ({e}); delete it to rebuild") from None
         self.split, self.protocol, self.image_size = split, protocol, image_size
         self.rotations = (protocol == "vinyals") if rotations is None else bool(rotations)
+        self.image_format = ImageFormat(channels=1, size=image_size, invert=True)
         self.images = torch.from_numpy(images).unsqueeze(1)  # [N, 1, H, W] uint8
         self.characters = select_characters(alphabet, archive, split, protocol)
         names = [f"{alphabet[c]}/character{character[c]:02d}" for c in self.characters]
