@@ -109,6 +109,10 @@ class TaskSampler:
         return (f"TaskSampler({self.ways}-way {self.shots}-shot, {self.queries} queries, "
                 f"seed={self.seed}, classes={len(self._eligible)})")
 
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return self.dataset.example_shape
+
     def rng(self, step: int, index: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), int(index)])
 

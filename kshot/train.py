@@ -82,8 +82,6 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
-    if config.algo not in LEARNERS:
-        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
     torch.manual_seed(config.seed)
     return LEARNERS[config.algo].from_config(config, example_shape)
 
@@ -157,15 +155,15 @@ class Trainer:
         if self.config.meta_batch_size % self.dist.world_size:
             raise ConfigError(f"meta_batch_size {config.meta_batch_size} does not divide across "
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
-        settings = dataset_settings(config)
+        if config.algo not in LEARNERS:
+            raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
         if sampler is None:
-            train_set = load_dataset(config.dataset, "train", **settings)
-            sampler = TaskSampler(train_set, config.ways, config.shots, config.queries, seed=config.seed,
-                                  meta_batch_size=config.meta_batch_size)
+            train_set = load_dataset(config.dataset, "train", **dataset_settings(config))
+            sampler = LEARNERS[config.algo].make_sampler(config, train_set)
         self.sampler = sampler
         self._val_tasks, self._test_tasks = val_tasks, test_tasks
         if learner is None:
-            learner = build_learner(config, sampler.dataset.example_shape)
+            learner = build_learner(config, sampler.example_shape)
         self.learner = learner.to(self.device)
         self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
         self.step = 0

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kshot.models import create_model, input_kwargs
-from kshot.tasks import Task
+from kshot.tasks import Task, TaskSampler
 
 
 class Predictor:
@@ -91,6 +91,12 @@ class Learner(nn.Module, ABC):
         In training mode with gradients enabled the predictor stays differentiable with respect
         to the meta-parameters, so ``loss(adapt(...)(query_x), query_y).backward()`` meta-trains.
         """
+
+    @classmethod
+    def make_sampler(cls, config, dataset) -> TaskSampler:
+        """The source of training tasks for this algorithm: N-way K-shot tasks by default."""
+        return TaskSampler(dataset, config.ways, config.shots, config.queries, seed=config.seed,
+                           meta_batch_size=config.meta_batch_size)
 
     def options(self) -> dict:
         """The learner's own settings (everything but the model), as saved in checkpoints."""
