@@ -35,6 +35,7 @@ class TrainConfig:
     dataset: str = "omniglot"  # dataset name
     protocol: str = "vinyals"  # dataset split protocol (omniglot: vinyals | lake)
     image_size: int = 28  # side of the square input images
+    train_split: str = "train"  # split to meta-train on: train, or trainval (train + val, for final runs)
     backbone: str = "conv4"  # backbone network
     backbone_options: dict = field(default_factory=dict)  # extra backbone arguments, e.g. {"hidden": 32}
     # -- tasks
@@ -103,6 +104,8 @@ class TrainConfig:
         if 0 < self.test_tasks < MIN_TEST_TASKS:
             raise ConfigError(f"test_tasks={self.test_tasks}: a reported accuracy needs at least "
                               f"{MIN_TEST_TASKS} test tasks (or 0 to skip the final test)")
+        if self.train_split not in ("train", "trainval"):
+            raise ConfigError(f"train_split must be train or trainval, not {self.train_split!r}")
         if self.log_every < 1:
             raise ConfigError("log_every must be at least 1")
         return self

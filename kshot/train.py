@@ -158,7 +158,7 @@ class Trainer:
         if config.algo not in LEARNERS:
             raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
         if sampler is None:
-            train_set = load_dataset(config.dataset, "train", **dataset_settings(config))
+            train_set = load_dataset(config.dataset, config.train_split, **dataset_settings(config))
             sampler = LEARNERS[config.algo].make_sampler(config, train_set)
         self.sampler = sampler
         self._val_tasks, self._test_tasks = val_tasks, test_tasks
