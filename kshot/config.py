@@ -68,6 +68,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes for task sampling (0: a background thread)
     threads: int = 0  # torch intra-op threads (0: torch's default)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dist_timeout: float = 600.0  # distributed runs: seconds a process waits for the others before failing
     # -- where things are
     data_dir: str = ""  # archives (default: $KSHOT_DATA_DIR, else the user cache)
     cache_dir: str = ""  # writable caches (default: $KSHOT_CACHE_DIR, else the user cache)
@@ -103,6 +104,8 @@ class TrainConfig:
         if 0 < self.test_tasks < MIN_TEST_TASKS:
             raise ConfigError(f"test_tasks={self.test_tasks}: a reported accuracy needs at least "
                               f"{MIN_TEST_TASKS} test tasks (or 0 to skip the final test)")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"dist_timeout must be positive, not {self.dist_timeout}")
         if self.log_every < 1:
             raise ConfigError("log_every must be at least 1")
         return self
