@@ -30,6 +30,7 @@ and hands their contents to the other ranks, so only rank 0 needs to see the run
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -231,7 +232,7 @@ class Distributed:
             raise DistributedError(
                 f"{self}: {what} failed: another process stopped, failed or took longer than the "
                 f"{self.timeout:g} s timeout (its own error, if any, is above; raise --dist-timeout "
-                f"if a step can legitimately take longer) [{_first_line(e)[:200]}]") from None
+                f"if a step can legitimately take longer) [{_first_line(e)}]") from None
 
 
 class RunningStatistics:
@@ -332,9 +333,11 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         offset += n
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """The gist of a backend's message: first line, without its source location, shortened."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -480,7 +483,7 @@ def launch(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT,
     except Exception as e:
         raise DistributedError(f"rank {rank} of {world_size}: could not join the other processes at "
                                f"{where} ({backend}) within {timeout:g} s; check that all were "
-                               f"started and can reach MASTER_ADDR [{_first_line(e)[:200]}]") from None
+                               f"started and can reach MASTER_ADDR [{_first_line(e)}]") from None
     try:
         yield Distributed(rank, world_size, local_rank, the_device, timeout)
     finally:

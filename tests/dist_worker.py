@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from kshot.config import TrainConfig
 from kshot.data import load_dataset
-from kshot.errors import KshotError
+from kshot.errors import ConfigError, KshotError
 from kshot.learners import LEARNERS
 from kshot.learners.base import Learner, Predictor
 from kshot.tasks import fixed_tasks
@@ -93,6 +93,12 @@ def run_case(case: dict, out: Path, dist) -> None:
         tensors.update({f"optim.{idx}.{k}": v.clone() for k, v in slots.items() if torch.is_tensor(v)})
     meta = {"metrics": json.dumps(metrics), "step": str(result.step), "test": json.dumps(result.test),
             "best_val": json.dumps(result.best_val)}
+    # Resuming with other settings: rank 0 finds out, and every rank raises its error.
+    other = TrainConfig(**{**case["config"], "lr": 2 * config.lr})
+    try:
+        Trainer(other, case["run_dir"], dist=dist, progress=False, test_tasks=test_tasks).fit()
+    except ConfigError as e:
+        meta["resume_error"] = str(e)
     save_file({k: v.contiguous() for k, v in tensors.items()},
               str(out / f"{config.algo}-rank{dist.rank}.safetensors"), metadata=meta)
 

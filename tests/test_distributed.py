@@ -242,7 +242,8 @@ def two_process_runs(tmp_path_factory, data_dir, cache_dir):
 @pytest.mark.parametrize("algo", _learner_cases())
 def test_two_processes_train_the_model_one_process_trains(algo, two_process_runs):
     """Meta-gradient of a meta-batch, and weights, batch-norm statistics and optimiser state
-    after training (interrupted and resumed in the 2-process run), equal one process's."""
+    after training (interrupted and resumed in the 2-process run), equal one process's; so do
+    the logs, validation and final test; a resume with other settings fails on every rank."""
     config, one, ranks, run_dir = two_process_runs[algo]
     for saved in ranks:
         assert {k[len("grad."):] for k in saved if k.startswith("grad.")} == set(one["grads"])
@@ -261,6 +262,11 @@ def test_two_processes_train_the_model_one_process_trains(algo, two_process_runs
             torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-5 * scale, msg=key)
     for key in ranks[0]:  # the ranks hold identical state
         torch.testing.assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0, msg=key)
+    errors = []
+    for r in range(2):
+        with safe_open(str(run_dir.parent / f"{algo}-rank{r}.safetensors"), "pt") as f:
+            errors.append(f.metadata().get("resume_error"))
+    assert errors[0] == errors[1] and "holds a run with other settings (lr: 0.05 -> 0.1)" in errors[0]
 
     # Logs, validation and the final test: written once, by rank 0, equal to one process's.
     two = _records(run_dir)
