@@ -63,6 +63,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = resolve_config(args.preset, args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / (config.preset or f"{config.algo}-{config.dataset}"))
     result = train(config, run_dir, resume=not args.no_resume, progress=not args.quiet)
+    if result.rank:  # under torchrun, rank 0 reports
+        return 0
     print(f"run directory: {run_dir}")
     if result.best_val:
         bv = result.best_val
@@ -173,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KshotError as e:
-        print(f"kshot: error: {e}", file=sys.stderr)
+        from kshot.distributed import rank_label
+
+        print(f"kshot: error: {rank_label()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kshot: interrupted (a run resumes from its last checkpoint with the same command)",

@@ -69,6 +69,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes for task sampling (0: a background thread)
     threads: int = 0  # torch intra-op threads (0: torch's default)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dist_timeout: float = 600.0  # distributed runs: seconds a process waits for the others before failing
     # -- where things are
     data_dir: str = ""  # archives (default: $KSHOT_DATA_DIR, else the user cache)
     cache_dir: str = ""  # writable caches (default: $KSHOT_CACHE_DIR, else the user cache)
@@ -106,6 +107,8 @@ class TrainConfig:
                               f"{MIN_TEST_TASKS} test tasks (or 0 to skip the final test)")
         if self.train_split not in ("train", "trainval"):
             raise ConfigError(f"train_split must be train or trainval, not {self.train_split!r}")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"dist_timeout must be positive, not {self.dist_timeout}")
         if self.log_every < 1:
             raise ConfigError("log_every must be at least 1")
         return self

@@ -20,3 +20,7 @@ class ConfigError(KshotError):
 
 class CheckpointError(KshotError):
     """A checkpoint is missing, unreadable, or was not written by kshot."""
+
+
+class DistributedError(KshotError):
+    """The processes of a distributed run could not meet, or one of them failed or stopped."""

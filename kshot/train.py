@@ -23,6 +23,7 @@ import math
 import queue
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,19 +32,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kshot import distributed
 from kshot.checkpoint import load_checkpoint, save_checkpoint
 from kshot.config import TrainConfig, config_from_dict
 from kshot.data import load_dataset
 from kshot.data.archives import atomic_write_text
-from kshot.distributed import Distributed, single_process
+from kshot.distributed import Distributed
 from kshot.errors import CheckpointError, ConfigError
-from kshot.evaluate import EvalResult, evaluate
+from kshot.evaluate import EvalResult
 from kshot.learners import LEARNERS, Learner
 from kshot.tasks import MetaBatch, Task, TaskSampler, fixed_tasks, identity_collate
 
 #: Settings that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "log_every", "test_tasks",
-                     "num_workers", "threads", "device", "data_dir", "cache_dir"}
+                     "num_workers", "threads", "device", "data_dir", "cache_dir", "dist_timeout"}
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TrainResult:
     best_val: dict | None
     test: dict | None
     seconds: float
+    rank: int = 0  # this process's rank in a distributed run (0: the one that reports)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,7 +140,8 @@ class Trainer:
         learner: the learner to train (built from the config when omitted).
         sampler: training tasks (built from the config's dataset when omitted).
         val_tasks / test_tasks: fixed tasks (built from the config's dataset when omitted).
-        dist: the process group (single process by default).
+        dist: this process's place in a distributed run (default: the process group already
+            set up, else a single process; :func:`train` sets one up under torchrun).
         progress: show a progress bar.
     """
 
@@ -147,9 +151,9 @@ class Trainer:
                  progress: bool = True):
         self.config = config.validate()
         self.run_dir = Path(run_dir)
-        self.dist = dist or single_process()
+        self.dist = dist or distributed.current(config.dist_timeout)
         self.progress = progress and self.dist.is_main
-        self.device = resolve_device(config.device)
+        self.device = self.dist.device or resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         if self.config.meta_batch_size % self.dist.world_size:
@@ -215,17 +219,11 @@ class Trainer:
                             extra={"image_format": fmt.to_dict()} if fmt is not None else None)
 
     def _resume(self) -> None:
-        """Continue from last.safetensors if this run directory has one."""
-        if not self.last_path.is_file():
+        """Continue from last.safetensors if this run directory has one (read by rank 0, whose
+        reading every rank receives: all resume from identical state)."""
+        ckpt = self.dist.from_main(self._read_last)
+        if ckpt is None:
             return
-        ckpt = load_checkpoint(self.last_path)
-        saved = config_from_dict(ckpt.config).to_dict()
-        now = self.config.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
-            raise ConfigError(f"{self.run_dir} holds a run with other settings ({diffs}); "
-                              f"use another --run-dir, or delete {self.last_path} to start over")
         try:
             self.learner.load_state_dict(ckpt.state_dict)
             if ckpt.optimizer is not None:
@@ -236,6 +234,20 @@ class Trainer:
         self.step = int(ckpt.train_state.get("step", 0))
         self.best_val = ckpt.train_state.get("best_val")
         self._truncate_metrics(self.step)
+
+    def _read_last(self):
+        """The checkpoint to resume from, checked against this run's config, or None."""
+        if not self.last_path.is_file():
+            return None
+        ckpt = load_checkpoint(self.last_path)
+        saved = config_from_dict(ckpt.config).to_dict()
+        now = self.config.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
+            raise ConfigError(f"{self.run_dir} holds a run with other settings ({diffs}); "
+                              f"use another --run-dir, or delete {self.last_path} to start over")
+        return ckpt
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from (and any torn last line)."""
@@ -267,7 +279,8 @@ class Trainer:
             prefetcher.close()
 
     def validate(self) -> EvalResult:
-        return evaluate(self.learner, self.val_tasks, device=self.device, progress=False)
+        """Accuracy on the fixed validation tasks (shared among the ranks of a distributed run)."""
+        return self.dist.evaluate(self.learner, self.val_tasks, device=self.device, progress=False)
 
     def _is_better(self, result: dict) -> bool:
         if self.best_val is None:
@@ -287,6 +300,7 @@ class Trainer:
             self.metrics_path.unlink()
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
+        self.dist.broadcast_state(self.learner)  # every rank starts from rank 0's weights
         start = self.step
         stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
         params = [p for p in self.learner.parameters() if p.requires_grad]
@@ -307,8 +321,11 @@ class Trainer:
                     group["lr"] = learning_rate(c, step)
                 batch = [t.to(self.device, non_blocking=True) for t in batch]
                 self.optimizer.zero_grad(set_to_none=True)
+                statistics = self.dist.snapshot_statistics(self.learner)
                 metrics = self.learner.meta_gradient(batch)
-                self.dist.average_gradients(params)
+                # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
+                # merged: every rank then holds the state one process would have.
+                metrics = self.dist.average_gradients(params, metrics, statistics)
                 if c.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 self.optimizer.step()
@@ -341,11 +358,12 @@ class Trainer:
             if not self.best_path.exists() and self.dist.is_main:
                 self._save(self.best_path, with_optimizer=False)  # no validation: the final weights
             test = self._final_test(seconds)
-        return TrainResult(self.run_dir, self.step, self.best_val, test, seconds)
+        self.best_val = self.dist.from_main(lambda: self.best_val)
+        return TrainResult(self.run_dir, self.step, self.best_val, test, seconds, self.dist.rank)
 
     def _validate_and_keep_best(self) -> None:
+        result = self.validate().summary()
         if self.dist.is_main:
-            result = self.validate().summary()
             self._log({"step": self.step, "split": "val", **result})
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
@@ -353,24 +371,24 @@ class Trainer:
             if self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
                            f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}")
-        self.dist.barrier()
 
     def _final_test(self, seconds: float) -> dict | None:
-        if not self.dist.is_main:
-            return None
-        from kshot.plots import plot_curves
+        if self.dist.is_main:
+            from kshot.plots import plot_curves
 
-        plot_curves(self.metrics_path, self.run_dir / "curves.png")
+            plot_curves(self.metrics_path, self.run_dir / "curves.png")
         if not self.config.test_tasks:
             return None
-        best = load_checkpoint(self.best_path)
+        best = self.dist.from_main(lambda: load_checkpoint(self.best_path).state_dict)
         current = {k: v.clone() for k, v in self.learner.state_dict().items()}
-        self.learner.load_state_dict(best.state_dict)
+        self.learner.load_state_dict(best)
         try:
-            result = evaluate(self.learner, self.test_tasks, device=self.device, progress=self.progress,
-                              desc="testing").summary()
+            result = self.dist.evaluate(self.learner, self.test_tasks, device=self.device,
+                                        progress=self.progress, desc="testing").summary()
         finally:
             self.learner.load_state_dict(current)
+        if not self.dist.is_main:
+            return {**result, "ways": self.config.eval_ways, "shots": self.config.eval_shots}
         c = self.config
         summary = {"test": {**result, "ways": c.eval_ways, "shots": c.eval_shots},
                    "best_val": self.best_val, "steps": self.step, "train_seconds_this_session": seconds,
@@ -380,7 +398,14 @@ class Trainer:
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
-          stop_after: int | None = None, **components) -> TrainResult:
-    """Meta-train as ``config`` says, in ``run_dir`` (resuming a run found there)."""
-    trainer = Trainer(config, run_dir, progress=progress, **components)
-    return trainer.fit(resume=resume, stop_after=stop_after)
+          stop_after: int | None = None, dist: Distributed | None = None, **components) -> TrainResult:
+    """Meta-train as ``config`` says, in ``run_dir`` (resuming a run found there).
+
+    Under torchrun the processes share each meta-batch (see :mod:`kshot.distributed`).
+    """
+    config.validate()
+    group = (nullcontext(dist) if dist is not None else
+             distributed.launch(config.device, config.dist_timeout, config.meta_batch_size))
+    with group as dist:
+        trainer = Trainer(config, run_dir, progress=progress, dist=dist, **components)
+        return trainer.fit(resume=resume, stop_after=stop_after)
