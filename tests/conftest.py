@@ -93,16 +93,18 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def siamese_run(tmp_path_factory, cache_dir) -> Path:
-    """Run directory of a short real Siamese training run (Omniglot, Lake split, ~120 steps),
-    shared by the Siamese, verification and ``kshot verify`` tests."""
+    """Run directory of a short real Siamese training run (Omniglot, Lake split, 100 steps of
+    48 pairs, threshold calibrated on 1,000 pairs), shared by the Siamese and ``kshot verify`` tests."""
+    import kshot.learners.siamese
     from kshot.config import resolve_config
     from kshot.train import train
 
     config = resolve_config(overrides=dict(
-        algo="siamese", protocol="lake", backbone_options={"hidden": 32}, pairs=64, steps=120,
-        lr=3e-3, lr_schedule="constant", val_every=60, val_tasks=10, test_ways=5, test_queries=5,
-        test_tasks=0, checkpoint_every=60, log_every=20, cache_dir=str(cache_dir)))
+        algo="siamese", protocol="lake", backbone_options={"hidden": 32}, pairs=48, steps=100,
+        lr=3e-3, lr_schedule="constant", val_every=50, val_tasks=10, test_ways=5, test_queries=5,
+        test_tasks=0, checkpoint_every=50, log_every=20, cache_dir=str(cache_dir)))
     run_dir = tmp_path_factory.mktemp("siamese-run")
-    with one_thread():
+    with one_thread(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kshot.learners.siamese, "CALIBRATION_PAIRS", 1000)  # speed only
         train(config, run_dir, progress=False)
     return run_dir

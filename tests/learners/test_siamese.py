@@ -41,7 +41,7 @@ def test_short_training_separates_same_from_different(siamese_run, omniglot):
     record = json.loads((siamese_run / "verification.json").read_text())
     assert float(learner.threshold) == pytest.approx(record["threshold"])
     assert float(learner.eer) == pytest.approx(record["eer"])
-    assert record["pairs"] == 4000 and (siamese_run / "roc.png").stat().st_size > 1000
+    assert record["pairs"] == 1000 and (siamese_run / "roc.png").stat().st_size > 1000
     # The last checkpoint (for resuming) keeps its uncalibrated threshold: calibration is of best.
     assert not torch.isfinite(load_checkpoint(siamese_run / "last.safetensors").state_dict["threshold"])
     # Pairs of the evaluation alphabets, never seen in training or calibration.
@@ -49,7 +49,7 @@ def test_short_training_separates_same_from_different(siamese_run, omniglot):
     scores, same = learner.pair_scores(test_pairs, 1000)
     assert same.mean() == 0.5
     report = VerificationReport.from_scores(scores, same, split="test")
-    assert report.auc > 0.72 and report.eer < 0.34, str(report)  # chance: 0.5 and 0.5 (this run: 0.79, 0.28)
+    assert report.auc > 0.72 and report.eer < 0.34, str(report)  # chance: 0.5 and 0.5 (this run: 0.81, 0.26)
     assert report.accuracy(scores, same, float(learner.threshold)) > 0.64
     # The calibrated threshold decides as verify() does.
     b = test_pairs.pair_batch(0)
@@ -63,9 +63,9 @@ def test_one_shot_classification_of_unseen_alphabets(siamese_run, omniglot):
     tasks = fixed_tasks(omniglot("test", protocol="lake"), ways=5, shots=1, queries=5, n_tasks=40,
                         within_groups=True)
     result = evaluate(learner, tasks)
-    assert result.mean > 0.32, str(result)  # chance: 0.2 (this run: 0.44)
+    assert result.mean > 0.32, str(result)  # chance: 0.2 (this run: 0.45)
     tasks5 = fixed_tasks(omniglot("test", protocol="lake"), ways=5, shots=5, queries=5, n_tasks=15)
-    assert evaluate(learner, tasks5).mean > 0.45  # this run: 0.60
+    assert evaluate(learner, tasks5).mean > 0.45  # this run: 0.62
 
 
 def test_training_logs_pair_metrics(siamese_run):
@@ -73,7 +73,7 @@ def test_training_logs_pair_metrics(siamese_run):
     train_records = [r for r in records if r["split"] == "train"]
     assert {"loss", "acc", "pair_acc"} <= set(train_records[0])
     assert train_records[-1]["loss"] < train_records[0]["loss"]
-    assert [r["step"] for r in records if r["split"] == "val"] == [60, 120]
+    assert [r["step"] for r in records if r["split"] == "val"] == [50, 100]
 
 
 def test_training_resumes_exactly_on_pairs(tmp_path, cache_dir, monkeypatch):
