@@ -40,6 +40,14 @@ def _field_help() -> dict[str, str]:
     return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^\n=]+=[^\n#]*#\s*(.+)$", source, re.M)}
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     helps = _field_help()
     group = parser.add_argument_group("settings (override the preset and config file)")
@@ -47,7 +55,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "dict": str}[f.type]  # type: ignore[index]
+        kind = {"int": int, "float": float, "str": str, "dict": str, "bool": _bool}[f.type]  # type: ignore[index]
         metavar = "JSON" if f.type == "dict" else f.type.upper()  # type: ignore[union-attr]
         group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=metavar,
                            help=helps.get(f.name, "").replace("%", "%%"))
@@ -110,17 +118,20 @@ def run_eval(args: argparse.Namespace) -> int:
     shots = args.shots or config.eval_shots
     learner = build_learner(ckpt).to(resolve_device(args.device))
     dataset = load_dataset(config.dataset, args.split, **dataset_settings(config))
+    within = config.test_within_groups if args.within_groups is None else args.within_groups
     tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks,
-                        seed=EVAL_SEED if args.seed is None else args.seed)
+                        seed=EVAL_SEED if args.seed is None else args.seed, within_groups=within)
     result = evaluate(learner, tasks, device=args.device, progress=not args.quiet)
     print(f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol}) {args.split}: "
-          f"{ways}-way {shots}-shot, {args.queries} queries per class")
+          f"{ways}-way {shots}-shot, {args.queries} queries per class"
+          + (", classes of each task from one group" if within else ""))
     print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
     if args.out:
         from kshot.data.archives import atomic_write_text
 
         record = {"checkpoint": str(args.checkpoint), "split": args.split, "ways": ways, "shots": shots,
                   "queries": args.queries, "dataset": config.dataset, "protocol": config.protocol,
+                  "within_groups": within,
                   **result.summary()}
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     return 0
@@ -135,6 +146,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=1000, help=f"fixed test tasks (default 1000, at least {MIN_TEST_TASKS})")
     p.add_argument("--split", default="test", choices=("test", "val", "train", "trainval"))
     p.add_argument("--seed", type=int, default=None, help="seed of the task set (default: kshot's fixed one)")
+    p.add_argument("--within-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw each task's classes from one group, e.g. one Omniglot alphabet "
+                        "(default: as the run was validated)")
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
     p.add_argument("--protocol", help="dataset split protocol")
     p.add_argument("--image-size", type=int, dest="image_size")
@@ -143,6 +157,50 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the result as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- verify
+@command("verify", "are two images of the same class? (a Siamese checkpoint's similarity and decision)")
+def run_verify(args: argparse.Namespace) -> int:
+    import torch
+
+    from kshot.checkpoint import build_learner, load_checkpoint
+    from kshot.data.images import ImageFormat
+    from kshot.errors import CheckpointError, ConfigError
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.learner.get("algo") != "siamese":
+        raise ConfigError(f"kshot verify needs a Siamese checkpoint; {args.checkpoint} holds a "
+                          f"{ckpt.learner.get('algo')!r} learner (train one with --algo siamese)")
+    if "image_format" not in ckpt.extra:
+        raise CheckpointError(f"{args.checkpoint} does not record the image format its model was trained "
+                              f"on, so image files cannot be read for it")
+    fmt = ImageFormat.from_dict(ckpt.extra["image_format"])
+    first, second = fmt.read(args.first), fmt.read(args.second)
+    learner = build_learner(ckpt).eval()
+    if args.threshold is not None:
+        how = "given"
+        learner.threshold.fill_(learner.from_display(args.threshold))
+    elif learner.calibrated:
+        how = f"calibrated at the equal-error rate, {100 * float(learner.eer):.2f} %, of held-out pairs"
+    else:
+        how = "not calibrated: the loss's own boundary"
+    with torch.no_grad():
+        scores, same = learner.verify(first[None], second[None])
+    name, threshold = learner.display_name, learner.display(learner.decision_threshold)
+    print(f"{name} {learner.display(float(scores[0])):.4f} (threshold {threshold:.4f}, {how})")
+    print("same" if bool(same[0]) else "different")
+    return 0
+
+
+@run_verify.arguments
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a Siamese .safetensors checkpoint, or its run directory (uses best)")
+    p.add_argument("first", metavar="A", help="an image file")
+    p.add_argument("second", metavar="B", help="another image file")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decide at this similarity (koch: a probability) or distance (contrastive, "
+                        "triplet) instead of the calibrated threshold")
 
 
 # ----------------------------------------------------------------------------- presets

@@ -45,6 +45,7 @@ class TrainConfig:
     test_ways: int = 0  # classes per validation/test task (0: same as ways)
     test_shots: int = 0  # support examples per class at validation/test (0: same as shots)
     test_queries: int = 15  # query examples per class at validation/test
+    test_within_groups: bool = False  # validation/test tasks take all classes from one group (omniglot: one alphabet)
     meta_batch_size: int = 1  # tasks per outer step
     # -- outer loop
     steps: int = 10_000  # outer steps (meta-batches) to train for
@@ -59,6 +60,10 @@ class TrainConfig:
     # -- learner options (each learner reads the ones it uses)
     distance: str = "euclidean"  # protonet: euclidean | cosine
     temperature: float = 10.0  # protonet: scale of cosine similarities
+    similarity: str = "koch"  # siamese: koch (weighted L1 + sigmoid) | contrastive | triplet
+    margin: float = 1.0  # siamese: margin of the contrastive and triplet losses
+    pairs: int = 128  # siamese: pairs per training batch, half same-class, half different
+    augment: str = "none"  # siamese: none | affine (Koch et al.'s random distortions of training pairs)
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks

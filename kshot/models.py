@@ -147,3 +147,38 @@ def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: in
     if out_features:
         layers.append(nn.Linear(width, out_features))
     return nn.Sequential(*layers)
+
+
+class Koch(nn.Sequential):
+    """The encoder of Koch, Zemel and Salakhutdinov's Siamese network (ICML DL Workshop 2015).
+
+    Valid (unpadded) convolutions with ReLU, 2x2 max-pools after all but the last, then a fully
+    connected sigmoid layer. On 105x105 Omniglot images: conv 64@10x10, 128@7x7, 128@4x4,
+    256@4x4, then 4,096 units; 38.95M parameters, nearly all in the last layer.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 105, embedding_dim: int = 4096,
+                 channels: Sequence[int] = (64, 128, 128, 256), kernels: Sequence[int] = (10, 7, 4, 4)):
+        if len(channels) != len(kernels) or not channels:
+            raise ConfigError("koch needs as many kernel sizes as channel counts")
+        layers: list[nn.Module] = []
+        side, width = int(image_size), int(in_channels)
+        for i, (c, k) in enumerate(zip(channels, kernels)):
+            side -= int(k) - 1
+            layers += [nn.Conv2d(width, int(c), int(k)), nn.ReLU(inplace=True)]
+            if i < len(channels) - 1:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            width = int(c)
+            if side < 1:
+                raise ConfigError(f"koch's {len(kernels)} valid convolutions (kernels {list(kernels)}) do not "
+                                  f"fit {image_size}x{image_size} images; use larger images, smaller "
+                                  f"kernels (backbone option \"kernels\"), or conv4")
+        layers += [nn.Flatten(), nn.Linear(width * side * side, int(embedding_dim)), nn.Sigmoid()]
+        super().__init__(*layers)
+
+
+@register_model(input_kwargs=_image_input)
+def koch(in_channels: int = 1, image_size: int = 105, embedding_dim: int = 4096,
+         channels: Sequence[int] = (64, 128, 128, 256), kernels: Sequence[int] = (10, 7, 4, 4)) -> nn.Module:
+    return Koch(in_channels, image_size, embedding_dim, channels, kernels)

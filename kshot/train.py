@@ -172,12 +172,14 @@ class Trainer:
         self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
         self.step = 0
         self.best_val: dict | None = None
+        self.after_training_summary: dict | None = None  # from the learner's after_training report
 
     # ------------------------------------------------------------------ fixed tasks
     def _fixed(self, split: str, n_tasks: int) -> Sequence[Task]:
         c = self.config
         dataset = load_dataset(c.dataset, split, **dataset_settings(c))
-        return fixed_tasks(dataset, c.eval_ways, c.eval_shots, c.test_queries, n_tasks)
+        return fixed_tasks(dataset, c.eval_ways, c.eval_shots, c.test_queries, n_tasks,
+                           within_groups=c.test_within_groups)
 
     @property
     def val_tasks(self) -> Sequence[Task]:
@@ -357,6 +359,7 @@ class Trainer:
         if self.step >= c.steps:
             if not self.best_path.exists() and self.dist.is_main:
                 self._save(self.best_path, with_optimizer=False)  # no validation: the final weights
+            self._after_training()
             test = self._final_test(seconds)
         self.best_val = self.dist.from_main(lambda: self.best_val)
         return TrainResult(self.run_dir, self.step, self.best_val, test, seconds, self.dist.rank)
@@ -371,6 +374,31 @@ class Trainer:
             if self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
                            f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}")
+
+    def _val_dataset(self):
+        sampler = getattr(self._val_tasks, "sampler", None)
+        if sampler is not None:
+            return sampler.dataset
+        c = self.config
+        return load_dataset(c.dataset, "val", **dataset_settings(c))
+
+    def _after_training(self) -> None:
+        """Give the learner its :meth:`Learner.after_training` call on the best weights, and save
+        what it changes into the best checkpoint (rerunning after a crash redoes it exactly)."""
+        if not self.dist.is_main or type(self.learner).after_training is Learner.after_training:
+            return
+        best = load_checkpoint(self.best_path)
+        current = {k: v.clone() for k, v in self.learner.state_dict().items()}
+        self.learner.load_state_dict(best.state_dict)
+        try:
+            report = self.learner.after_training(self._val_dataset())
+            if report is not None:
+                save_checkpoint(self.best_path, self.learner, config=best.config,
+                                train_state=best.train_state, extra=best.extra)
+                report.write(self.run_dir)
+                self.after_training_summary = report.summary()
+        finally:
+            self.learner.load_state_dict(current)
 
     def _final_test(self, seconds: float) -> dict | None:
         if self.dist.is_main:
@@ -391,7 +419,8 @@ class Trainer:
             return {**result, "ways": self.config.eval_ways, "shots": self.config.eval_shots}
         c = self.config
         summary = {"test": {**result, "ways": c.eval_ways, "shots": c.eval_shots},
-                   "best_val": self.best_val, "steps": self.step, "train_seconds_this_session": seconds,
+                   "best_val": self.best_val, "after_training": self.after_training_summary,
+                   "steps": self.step, "train_seconds_this_session": seconds,
                    "config": c.to_dict()}
         atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
         return summary["test"]

@@ -6,6 +6,7 @@ Tests read archives from ``$KSHOT_DATA_DIR`` (CI: ``../shared/data``) and never 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -90,3 +91,41 @@ def trained_run(tmp_path_factory, cache_dir):
     config = resolve_config("quick", overrides=dict(steps=300, val_every=150, val_tasks=100, test_tasks=600,
                                                     cache_dir=str(cache_dir)))
     return run_dir, train(config, run_dir, progress=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Use as ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    with one_thread():
+        yield
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread: on a loaded shared machine, small models run several times
+    faster so than on two threads that wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def siamese_run(tmp_path_factory, cache_dir) -> Path:
+    """Run directory of a short real Siamese training run (Omniglot, Lake split, 100 steps of
+    48 pairs, threshold calibrated on 1,000 pairs), shared by the Siamese and ``kshot verify`` tests."""
+    import kshot.learners.siamese
+    from kshot.config import resolve_config
+    from kshot.train import train
+
+    config = resolve_config(overrides=dict(
+        algo="siamese", protocol="lake", backbone_options={"hidden": 32}, pairs=48, steps=100,
+        lr=3e-3, lr_schedule="constant", val_every=50, val_tasks=10, test_ways=5, test_queries=5,
+        test_tasks=0, checkpoint_every=50, log_every=20, cache_dir=str(cache_dir)))
+    run_dir = tmp_path_factory.mktemp("siamese-run")
+    with one_thread(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kshot.learners.siamese, "CALIBRATION_PAIRS", 1000)  # speed only
+        train(config, run_dir, progress=False)
+    return run_dir

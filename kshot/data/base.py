@@ -39,6 +39,14 @@ class FewShotDataset(ABC):
     def load(self, indices: np.ndarray) -> torch.Tensor:
         """The examples at ``indices`` as one batch (images: float32 ``[n, C, H, W]`` in [0, 1])."""
 
+    def class_groups(self) -> np.ndarray | None:
+        """Group of each class (Omniglot: its alphabet) as int64 ``[num_classes]``, or None.
+
+        Lets a sampler draw all of a task's classes from one group (within-alphabet tasks, as
+        Lake et al. 2015 and Koch et al. 2015 test), which is harder than classes drawn at random.
+        """
+        return None
+
     @property
     def num_classes(self) -> int:
         return len(self.class_examples())
@@ -78,6 +86,10 @@ class ClassSubset(FewShotDataset):
 
     def class_examples(self) -> Sequence[np.ndarray]:
         return self._examples
+
+    def class_groups(self) -> np.ndarray | None:
+        groups = self.parent.class_groups()
+        return None if groups is None else np.asarray(groups)[self.classes]
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
         return self.parent.load(indices)
