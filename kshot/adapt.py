@@ -252,8 +252,14 @@ class Predictions:
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """Write the CSV atomically: the file appears whole or not at all."""
-        atomic_write_text(path, self.to_csv())
-        return Path(path)
+        path = Path(path)
+        if path.is_dir():
+            raise DataError(f"--out {path} is a folder; give a file name such as {path / 'predictions.csv'}")
+        try:
+            atomic_write_text(path, self.to_csv())
+        except OSError as e:
+            raise DataError(f"cannot write the predictions to {path} ({e.strerror or e})") from None
+        return path
 
 
 def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike, query: str | os.PathLike,

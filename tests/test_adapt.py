@@ -20,7 +20,7 @@ from kshot.errors import DataError
 from kshot.learners import LEARNERS
 from kshot.train import train
 
-CHARACTERS = [f"Atlantean/character{i:02d}" for i in range(1, 6)]
+CHARACTERS = [f"Tengwar/character{i:02d}" for i in range(1, 6)]  # a meta-test alphabet (Vinyals split)
 FOLDERS = [c.replace("/", "-") for c in CHARACTERS]
 OMNIGLOT_FORMAT = ImageFormat(1, 28, invert=True)
 
@@ -160,15 +160,18 @@ def test_bad_support_folders_are_one_line_errors(trained_run, user_folders, tmp_
     (support / "empty-class").rmdir()
     line = _adapt_fails(capsys, trained_run, "--support", support, "--query", query / FOLDERS[0],
                         "--shots", "3", "--out", out)
-    assert "--shots 3: class 'Atlantean-character01'" in line and "has only 2" in line
+    assert "--shots 3: class 'Tengwar-character01'" in line and "has only 2" in line
     line = _adapt_fails(capsys, trained_run, "--support", tmp_path / "nope", "--query", query, "--out", out)
     assert "not found" in line
     line = _adapt_fails(capsys, trained_run, "--support", support, "--query", query, "--out", out)
-    assert "query class 'Atlantean-character04' is not one of the support classes" in line
+    assert "query class 'Tengwar-character04' is not one of the support classes" in line
     png = next((support / FOLDERS[0]).iterdir())
     line = _adapt_fails(capsys, trained_run, "--support", png, "--query", query, "--out", out)
     assert "is a file, but this checkpoint reads images" in line
     assert not out.exists()
+    line = _adapt_fails(capsys, trained_run, "--support", user_folders / "support", "--query", query,
+                        "--out", tmp_path)
+    assert f"--out {tmp_path} is a folder" in line
 
 
 def test_unreadable_images_are_skipped_with_a_count(trained_run, user_folders, tmp_path, capsys, omniglot_pngs):

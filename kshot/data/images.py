@@ -92,8 +92,9 @@ class ImageFormat:
                 return self.array(image)
         except FileNotFoundError:
             raise DataError(f"image {path} not found") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+                EOFError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0].replace(f" {str(path)!r}", "")[:120]
             raise DataError(f"cannot read image {path}: {reason}") from None
 
     def read(self, path: str | os.PathLike) -> torch.Tensor:

@@ -164,3 +164,31 @@ def test_a_non_standard_split_is_flagged(forms, tmp_path):
             (folder / "images" / name).write_bytes((src / "images" / name).read_bytes())
     with pytest.warns(DataWarning, match="has 2 classes, not the standard 20"):
         MiniImageNet("test", data_dir=tmp_path / "small", cache_dir=tmp_path / "c", progress=False)
+
+
+def test_train_resnet12_on_mini_imagenet_then_adapt_to_colour_folders(forms, tmp_path, capsys):
+    """The command line end to end: a colour checkpoint records 3x84x84 and reads any image so."""
+    from kshot.adapt import InputReader
+    from kshot.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "miniimagenet", "--image-size", "84", "--data-dir", str(forms / "csvform"),
+                 "--cache-dir", str(tmp_path / "cache"), "--backbone", "resnet12",
+                 "--backbone-options", '{"channels": [8, 8, 8, 8]}', "--ways", "3", "--shots", "1",
+                 "--queries", "1", "--steps", "2", "--val-every", "0", "--test-tasks", "0",
+                 "--run-dir", str(run), "--quiet"]) == 0
+    assert InputReader.from_checkpoint(run).image_format.shape == (3, 84, 84)
+    images = forms / "csvform" / "miniimagenet" / "images"
+    wnids = _wnids()["test"][:3]
+    for wnid in wnids:
+        for k in range(PER_CLASS):
+            target = tmp_path / ("support" if k < 2 else "query") / wnid / f"{k}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(images / f"{wnid}{k + 1:08d}.jpg") as im:
+                im.resize((120, 90)).save(target)  # another size and format than the training images
+    out = tmp_path / "p.csv"
+    assert main(["adapt", str(run), "--support", str(tmp_path / "support"), "--query", str(tmp_path / "query"),
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["true"] for r in rows] == wnids
+    assert "accuracy" in capsys.readouterr().out
