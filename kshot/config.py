@@ -37,6 +37,7 @@ class TrainConfig:
     image_size: int = 28  # side of the square input images
     data_path: str = ""  # your own data: a folder of class sub-folders (--dataset folder) or a CSV/Parquet table (--dataset table)
     split_file: str = ""  # your own data's meta-train/val/test classes, JSON or CSV; drawn and written there when missing (default: <run-dir>/classes.json)
+    train_split: str = "train"  # split to meta-train on: train, or trainval (train + val, for final runs)
     backbone: str = "conv4"  # backbone network
     backbone_options: dict = field(default_factory=dict)  # extra backbone arguments, e.g. {"hidden": 32}
     # -- tasks
@@ -105,6 +106,8 @@ class TrainConfig:
         if 0 < self.test_tasks < MIN_TEST_TASKS:
             raise ConfigError(f"test_tasks={self.test_tasks}: a reported accuracy needs at least "
                               f"{MIN_TEST_TASKS} test tasks (or 0 to skip the final test)")
+        if self.train_split not in ("train", "trainval"):
+            raise ConfigError(f"train_split must be train or trainval, not {self.train_split!r}")
         if self.log_every < 1:
             raise ConfigError("log_every must be at least 1")
         return self

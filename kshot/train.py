@@ -171,7 +171,7 @@ class Trainer:
             # The drawn class split is kept beside the run, so that eval and resume reuse it.
             self.config.split_file = str((self.run_dir / "classes.json").resolve())
         if sampler is None:
-            train_set = load_dataset(config.dataset, "train", **dataset_settings(config))
+            train_set = load_dataset(config.dataset, config.train_split, **dataset_settings(config))
             sampler = LEARNERS[config.algo].make_sampler(config, train_set)
         self.sampler = sampler
         self._val_tasks, self._test_tasks = val_tasks, test_tasks

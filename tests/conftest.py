@@ -46,12 +46,20 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+_connect = socket.socket.connect
+
+
+def _local_only(sock, address):
+    """Allow Unix sockets and loopback (multiprocessing, gloo); refuse everything else."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOCAL_HOSTS:
+        raise OSError(f"tests must not use the network (tried to reach {address[0]})")
+    return _connect(sock, address)
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch, cache_dir):
-    def refuse(*args, **kwargs):
-        raise OSError("tests must not use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect", _local_only)
     monkeypatch.setenv("KSHOT_CACHE_DIR", str(cache_dir))
 
 
@@ -121,3 +129,16 @@ def omniglot_table(omniglot):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir):
+    """A short real ProtoNet run, shared by the training and CLI tests: Omniglot 5-way 1-shot,
+    300 outer steps, tested on 600 fixed tasks."""
+    from kshot.config import resolve_config
+    from kshot.train import train
+
+    run_dir = tmp_path_factory.mktemp("run") / "quick"
+    config = resolve_config("quick", overrides=dict(steps=300, val_every=150, val_tasks=100, test_tasks=600,
+                                                    cache_dir=str(cache_dir)))
+    return run_dir, train(config, run_dir, progress=False)

@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from kshot.adapt import AdaptedModel, InputReader, adapt_and_predict
+from kshot.adapt import AdaptedModel, InputReader
 from kshot.checkpoint import load_learner, save_checkpoint
 from kshot.cli import main
 from kshot.config import TrainConfig
 from kshot.data.images import ImageFormat
 from kshot.errors import DataError
 from kshot.learners import LEARNERS
-from kshot.train import train
 
 CHARACTERS = [f"Tengwar/character{i:02d}" for i in range(1, 6)]  # a meta-test alphabet (Vinyals split)
 FOLDERS = [c.replace("/", "-") for c in CHARACTERS]
@@ -31,14 +30,9 @@ def read_csv(path_or_text) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, cache_dir):
-    """A ProtoNet meta-trained briefly on Omniglot's background characters."""
-    run = tmp_path_factory.mktemp("run")
-    config = TrainConfig(algo="protonet", dataset="omniglot", ways=5, shots=1, queries=5, steps=40,
-                         backbone_options={"hidden": 32}, val_every=0, test_tasks=0, checkpoint_every=40,
-                         log_every=20, lr_schedule="constant", seed=1, cache_dir=str(cache_dir))
-    train(config, run, progress=False)
-    return run
+def quick_run(trained_run):
+    """The session's short ProtoNet run on Omniglot (tests/conftest.py): its run directory."""
+    return trained_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +44,9 @@ def user_folders(tmp_path_factory, omniglot_pngs):
     return root
 
 
-def test_adapt_writes_one_row_per_query_file_and_prints_accuracy(trained_run, user_folders, tmp_path, capsys):
+def test_adapt_writes_one_row_per_query_file_and_prints_accuracy(quick_run, user_folders, tmp_path, capsys):
     out = tmp_path / "out" / "predictions.csv"
-    assert main(["adapt", str(trained_run), "--support", str(user_folders / "support"),
+    assert main(["adapt", str(quick_run), "--support", str(user_folders / "support"),
                  "--query", str(user_folders / "query"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = read_csv(out)
@@ -69,29 +63,29 @@ def test_adapt_writes_one_row_per_query_file_and_prints_accuracy(trained_run, us
     correct = sum(r["predicted"] == r["true"] for r in rows)
     assert f"accuracy {100 * correct / 75:.2f} % ({correct} of 75 labelled queries)" in printed
     assert "adapted protonet to 5 classes from 25 support examples" in printed
-    assert correct / 75 >= 0.6  # 5-way 5-shot on unseen characters after 40 steps; chance is 0.2
+    assert correct / 75 >= 0.7  # 5-way 5-shot on unseen characters after 300 steps; chance is 0.2
 
 
-def test_adapt_agrees_with_the_learner_on_the_training_pipeline_tensors(trained_run, user_folders, tmp_path,
+def test_adapt_agrees_with_the_learner_on_the_training_pipeline_tensors(quick_run, user_folders, tmp_path,
                                                                         omniglot):
     """The command's probabilities are exactly learner.adapt(...).predict_proba(...) on the
     images as the Omniglot loader decodes them: the user's files are read like the training data."""
     out = tmp_path / "p.csv"
-    assert main(["adapt", str(trained_run), "--support", str(user_folders / "support"),
+    assert main(["adapt", str(quick_run), "--support", str(user_folders / "support"),
                  "--query", str(user_folders / "query"), "--out", str(out)]) == 0
     rows = read_csv(out)
     data = omniglot("test", protocol="lake")
     examples = [data.class_examples()[data.class_names.index(c)] for c in CHARACTERS]
     support_x = data.load(np.concatenate([e[:5] for e in examples]))
     query_x = data.load(np.concatenate([e[5:] for e in examples]))
-    learner = load_learner(trained_run)
+    learner = load_learner(quick_run)
     with torch.no_grad():
         expected = learner.adapt(support_x, torch.arange(5).repeat_interleave(5), 5).predict_proba(query_x)
     got = np.array([[float(r[f"p({f})"]) for f in FOLDERS] for r in rows])
     assert np.allclose(got, expected.numpy(), atol=2e-6)
 
 
-def test_unlabelled_queries_of_any_format_and_size(trained_run, user_folders, tmp_path, capsys):
+def test_unlabelled_queries_of_any_format_and_size(quick_run, user_folders, tmp_path, capsys):
     """Colour JPEGs, palette GIFs and RGBA PNGs of other sizes are converted, and mostly get
     the same predictions as the original drawings."""
     queries = tmp_path / "mixed"
@@ -107,7 +101,7 @@ def test_unlabelled_queries_of_any_format_and_size(trained_run, user_folders, tm
             else:
                 im.convert("RGBA").resize((140, 140)).save(queries / f"{i}.png")
     for folder in (user_folders / "query" / FOLDERS[2], queries):
-        assert main(["adapt", str(trained_run), "--support", str(user_folders / "support"),
+        assert main(["adapt", str(quick_run), "--support", str(user_folders / "support"),
                      "--query", str(folder), "--out", "-"]) == 0
     captured = capsys.readouterr()
     original, converted = (read_csv("file,predicted" + part) for part in captured.out.split("file,predicted")[1:])
@@ -149,32 +143,32 @@ def _adapt_fails(capsys, *argv) -> str:
     return err[0]
 
 
-def test_bad_support_folders_are_one_line_errors(trained_run, user_folders, tmp_path, capsys, omniglot_pngs):
+def test_bad_support_folders_are_one_line_errors(quick_run, user_folders, tmp_path, capsys, omniglot_pngs):
     query = user_folders / "query"
     support = tmp_path / "support"
     omniglot_pngs(support, CHARACTERS[:3], drawings=range(2))
     (support / "empty-class").mkdir()
     out = tmp_path / "never.csv"
-    line = _adapt_fails(capsys, trained_run, "--support", support, "--query", query, "--out", out)
+    line = _adapt_fails(capsys, quick_run, "--support", support, "--query", query, "--out", out)
     assert "class folder 'empty-class'" in line and "holds no images" in line
     (support / "empty-class").rmdir()
-    line = _adapt_fails(capsys, trained_run, "--support", support, "--query", query / FOLDERS[0],
+    line = _adapt_fails(capsys, quick_run, "--support", support, "--query", query / FOLDERS[0],
                         "--shots", "3", "--out", out)
     assert "--shots 3: class 'Tengwar-character01'" in line and "has only 2" in line
-    line = _adapt_fails(capsys, trained_run, "--support", tmp_path / "nope", "--query", query, "--out", out)
+    line = _adapt_fails(capsys, quick_run, "--support", tmp_path / "nope", "--query", query, "--out", out)
     assert "not found" in line
-    line = _adapt_fails(capsys, trained_run, "--support", support, "--query", query, "--out", out)
+    line = _adapt_fails(capsys, quick_run, "--support", support, "--query", query, "--out", out)
     assert "query class 'Tengwar-character04' is not one of the support classes" in line
     png = next((support / FOLDERS[0]).iterdir())
-    line = _adapt_fails(capsys, trained_run, "--support", png, "--query", query, "--out", out)
+    line = _adapt_fails(capsys, quick_run, "--support", png, "--query", query, "--out", out)
     assert "is a file, but this checkpoint reads images" in line
     assert not out.exists()
-    line = _adapt_fails(capsys, trained_run, "--support", user_folders / "support", "--query", query,
+    line = _adapt_fails(capsys, quick_run, "--support", user_folders / "support", "--query", query,
                         "--out", tmp_path)
     assert f"--out {tmp_path} is a folder" in line
 
 
-def test_unreadable_images_are_skipped_with_a_count(trained_run, user_folders, tmp_path, capsys, omniglot_pngs):
+def test_unreadable_images_are_skipped_with_a_count(quick_run, user_folders, tmp_path, capsys, omniglot_pngs):
     support = tmp_path / "support"
     omniglot_pngs(support, CHARACTERS[:2], drawings=range(3))
     (support / FOLDERS[0] / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
@@ -182,7 +176,7 @@ def test_unreadable_images_are_skipped_with_a_count(trained_run, user_folders, t
     omniglot_pngs(query, CHARACTERS[:2], drawings=range(10, 12))
     (query / FOLDERS[1] / "photo.jpg").write_text("this is text, not a JPEG")
     out = tmp_path / "p.csv"
-    assert main(["adapt", str(trained_run), "--support", str(support), "--query", str(query),
+    assert main(["adapt", str(quick_run), "--support", str(support), "--query", str(query),
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "kshot: warning: skipped 1 unreadable image of 7 in" in err and "corrupt.png" in err
@@ -201,11 +195,11 @@ def test_checkpoint_without_an_image_format_is_a_clear_error(user_folders, tmp_p
     assert "not found" in line
 
 
-def test_python_api_predicts_names_and_checks_shapes(trained_run, user_folders):
-    reader = InputReader.from_checkpoint(trained_run)
+def test_python_api_predicts_names_and_checks_shapes(quick_run, user_folders):
+    reader = InputReader.from_checkpoint(quick_run)
     assert reader.image_format == OMNIGLOT_FORMAT
     support = reader.read_support(user_folders / "support")
-    model = AdaptedModel(load_learner(trained_run), support.x, support.labels)
+    model = AdaptedModel(load_learner(quick_run), support.x, support.labels)
     query = reader.read_query(user_folders / "query" / FOLDERS[3])
     assert query.labels is None
     names = model.predict(query.x)
