@@ -10,12 +10,13 @@ import inspect
 import json
 import re
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Sequence
 
 from kshot.config import MIN_TEST_TASKS, PRESETS, TrainConfig
-from kshot.errors import KshotError
+from kshot.errors import KshotError, KshotWarning
 
 #: Subcommands contributed by other modules: name -> (add_arguments, run).
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
@@ -203,6 +204,53 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
                         "triplet) instead of the calibrated threshold")
 
 
+# ----------------------------------------------------------------------------- adapt
+@command("adapt", "adapt a trained learner to your own classes and predict your query files")
+def run_adapt(args: argparse.Namespace) -> int:
+    from kshot.adapt import adapt_and_predict
+    from kshot.train import resolve_device
+
+    if args.shots is not None and args.shots < 1:
+        from kshot.errors import ConfigError
+        raise ConfigError(f"--shots must be at least 1, not {args.shots}")
+    model, support, predictions = adapt_and_predict(
+        args.checkpoint, args.support, args.query, shots=args.shots,
+        device=resolve_device(args.device), batch_size=args.batch_size)
+    info = sys.stderr if args.out == "-" else sys.stdout
+    classes = ", ".join(f"{name} ({n})" for name, n in list(model.support_counts.items())[:8])
+    more = f", ... ({model.ways} classes)" if model.ways > 8 else ""
+    print(f"adapted {model.learner.algo} to {model.ways} classes from {len(support.names)} support "
+          f"examples: {classes}{more}", file=info)
+    if args.out == "-":
+        sys.stdout.write(predictions.to_csv())
+    else:
+        predictions.write_csv(args.out)
+        print(f"wrote {len(predictions.names)} predictions to {args.out}", file=info)
+    if predictions.accuracy is not None:
+        print(f"accuracy {100 * predictions.accuracy:.2f} % ({predictions.correct} of "
+              f"{len(predictions.names)} labelled queries)", file=info)
+    return 0
+
+
+@run_adapt.arguments
+def _adapt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument("--support", required=True,
+                   help="folder with one sub-folder of images per class (or, for a model trained on "
+                        "a table, a CSV/Parquet file with the label column)")
+    p.add_argument("--query", required=True,
+                   help="folder of images to classify, loose or in class sub-folders (then accuracy "
+                        "is printed too); or a table")
+    p.add_argument("--out", default="predictions.csv",
+                   help="CSV written with one row per query: file, predicted class, probability of "
+                        "each class (default: predictions.csv; '-' prints it)")
+    p.add_argument("--shots", type=int, default=None,
+                   help="use only the first SHOTS support examples of each class (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, dest="batch_size",
+                   help="query examples per forward pass (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+
+
 # ----------------------------------------------------------------------------- presets
 @command("presets", "list the named presets and the published figures they reproduce")
 def run_presets(args: argparse.Namespace) -> int:
@@ -227,20 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """kshot's own warnings as one line, like its errors; others as Python shows them."""
+    if issubclass(category, KshotWarning):
+        print(f"kshot: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except KshotError as e:
-        from kshot.distributed import rank_label
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", KshotWarning)
+        try:
+            return int(args.run(args) or 0)
+        except KshotError as e:
+            from kshot.distributed import rank_label
 
-        print(f"kshot: error: {rank_label()}{e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kshot: interrupted (a run resumes from its last checkpoint with the same command)",
-              file=sys.stderr)
-        return 130
+            print(f"kshot: error: {rank_label()}{e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("kshot: interrupted (a run resumes from its last checkpoint with the same command)",
+                  file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class TrainConfig:
     dataset: str = "omniglot"  # dataset name
     protocol: str = "vinyals"  # dataset split protocol (omniglot: vinyals | lake)
     image_size: int = 28  # side of the square input images
+    data_path: str = ""  # your own data: a folder of class sub-folders (--dataset folder) or a CSV/Parquet table (--dataset table)
+    split_file: str = ""  # your own data's meta-train/val/test classes, JSON or CSV; drawn and written there when missing (default: <run-dir>/classes.json)
     train_split: str = "train"  # split to meta-train on: train, or trainval (train + val, for final runs)
     backbone: str = "conv4"  # backbone network
     backbone_options: dict = field(default_factory=dict)  # extra backbone arguments, e.g. {"hidden": 32}

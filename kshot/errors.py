@@ -24,3 +24,11 @@ class CheckpointError(KshotError):
 
 class DistributedError(KshotError):
     """The processes of a distributed run could not meet, or one of them failed or stopped."""
+
+
+class KshotWarning(UserWarning):
+    """Something the user should know, that did not stop the work (the CLI prints one line)."""
+
+
+class DataWarning(KshotWarning):
+    """Some input was skipped (unreadable images, classes too small to draw tasks from)."""

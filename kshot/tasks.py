@@ -12,6 +12,7 @@ that split a meta-batch of exactly the tasks a single process would have drawn.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kshot.data.base import FewShotDataset
-from kshot.errors import DataError
+from kshot.errors import DataError, DataWarning
 
 #: Seed of the fixed evaluation tasks, distinct from any training seed people commonly use.
 EVAL_SEED = 20_170_315
@@ -95,12 +96,22 @@ class TaskSampler:
         need = self.shots + self.queries
         self._eligible = np.flatnonzero(counts >= need)
         if len(counts) < self.ways:
-            raise DataError(f"cannot draw {self.ways}-way tasks from a dataset of {len(counts)} "
+            what = getattr(dataset, "description", "a dataset")
+            raise DataError(f"cannot draw {self.ways}-way tasks from {what} of {len(counts)} "
                             f"classes; use --ways {len(counts)} or fewer")
-        if len(self._eligible) < self.ways:
-            raise DataError(f"{self.shots} shots + {self.queries} queries need {need} examples per "
-                            f"class, but only {len(self._eligible)} of {len(counts)} classes have "
-                            f"that many (the smallest has {counts.min()}); lower --shots or --queries")
+        short = np.flatnonzero(counts < need)
+        if len(short):
+            names = getattr(dataset, "class_names", None) or [str(c) for c in range(len(counts))]
+            listed = ", ".join(f"{names[c]!r} ({counts[c]})" for c in short[np.argsort(counts[short], kind="stable")][:3])
+            more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+            if len(self._eligible) < self.ways:
+                raise DataError(f"{self.shots} shots + {self.queries} queries need {need} examples per "
+                                f"class, but only {len(self._eligible)} of {len(counts)} classes have "
+                                f"that many (too few: {listed}{more}); lower --shots or --queries, "
+                                f"or add examples")
+            warnings.warn(f"{len(short)} of {len(counts)} classes have fewer than {need} examples "
+                          f"({self.shots} shots + {self.queries} queries) and are never drawn: "
+                          f"{listed}{more}", DataWarning, stacklevel=2)
         # A padded [classes, max_count] table lets one vectorised draw pick every class's examples.
         width = int(counts.max())
         self._table = np.zeros((len(counts), width), dtype=np.int64)

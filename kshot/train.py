@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from kshot import distributed
 from kshot.checkpoint import load_checkpoint, save_checkpoint
 from kshot.config import TrainConfig, config_from_dict
-from kshot.data import load_dataset
+from kshot.data import SPLIT_FILE_DATASETS, load_dataset
 from kshot.data.archives import atomic_write_text
 from kshot.distributed import Distributed
 from kshot.errors import CheckpointError, ConfigError
@@ -90,8 +90,18 @@ def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
 
 
 def dataset_settings(config: TrainConfig) -> dict:
-    return dict(protocol=config.protocol, image_size=config.image_size,
-                data_dir=config.data_dir or None, cache_dir=config.cache_dir or None, **config.extra)
+    return dict(protocol=config.protocol, image_size=config.image_size, data_path=config.data_path,
+                split_file=config.split_file, data_dir=config.data_dir or None,
+                cache_dir=config.cache_dir or None, **config.extra)
+
+
+def _checkpoint_extra(dataset) -> dict | None:
+    """How the training data read its inputs (image format, table columns), for ``kshot adapt``."""
+    extra = getattr(dataset, "checkpoint_extra", None)
+    if callable(extra):
+        return extra() or None
+    fmt = getattr(dataset, "image_format", None)
+    return {"image_format": fmt.to_dict()} if fmt is not None else None
 
 
 class Prefetcher:
@@ -161,6 +171,9 @@ class Trainer:
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
         if config.algo not in LEARNERS:
             raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+        if config.dataset in SPLIT_FILE_DATASETS and not config.split_file:
+            # The drawn class split is kept beside the run, so that eval and resume reuse it.
+            self.config.split_file = str((self.run_dir / "classes.json").resolve())
         if sampler is None:
             train_set = load_dataset(config.dataset, config.train_split, **dataset_settings(config))
             sampler = LEARNERS[config.algo].make_sampler(config, train_set)
@@ -214,11 +227,10 @@ class Trainer:
 
     def _save(self, path: Path, with_optimizer: bool) -> None:
         if self.dist.is_main:
-            fmt = getattr(self.sampler.dataset, "image_format", None)
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
                             train_state={"step": self.step, "best_val": self.best_val},
                             optimizer=self.optimizer if with_optimizer else None,
-                            extra={"image_format": fmt.to_dict()} if fmt is not None else None)
+                            extra=_checkpoint_extra(self.sampler.dataset))
 
     def _resume(self) -> None:
         """Continue from last.safetensors if this run directory has one (read by rank 0, whose

@@ -81,6 +81,58 @@ def omniglot(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def omniglot_pngs(data_dir):
+    """Writes real Omniglot PNGs (from the official evaluation archive) into class folders.
+
+    ``omniglot_pngs(root, characters, drawings=range(20))`` makes ``root/<Alphabet>-<charNN>/``
+    holding those drawings' original files, and returns the folder names in order.
+    ``characters`` are ``"Alphabet/characterNN"`` names of the evaluation archive.
+    """
+    import zipfile
+
+    archive = zipfile.ZipFile(data_dir / "omniglot" / "images_evaluation.zip")
+    members: dict[str, list[str]] = {}
+    for name in archive.namelist():
+        if name.endswith(".png"):
+            members.setdefault(name.split("/", 1)[1].rsplit("/", 1)[0], []).append(name)
+
+    def make(root: Path, characters, drawings=range(20)) -> list[str]:
+        folders = []
+        for character in characters:
+            files = sorted(members[character])
+            folder = Path(root) / character.replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in drawings:
+                (folder / files[i].rsplit("/", 1)[1]).write_bytes(archive.read(files[i]))
+            folders.append(folder.name)
+        return folders
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def omniglot_table(omniglot):
+    """Writes real Omniglot drawings as a CSV table: a ``character`` label column and
+    ``side x side`` average-pooled pixels ``px0..``; the first ``n_classes`` evaluation characters."""
+    import csv
+
+    def make(path: Path, n_classes: int = 30, side: int = 7) -> Path:
+        data = omniglot("test", protocol="lake")
+        rows = []
+        for c in range(n_classes):
+            x = data.load(data.class_examples()[c])
+            pooled = torch.nn.functional.adaptive_avg_pool2d(x, side).flatten(1).numpy()
+            rows += [[data.class_names[c], *(f"{v:.6g}" for v in r)] for r in pooled]
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["character"] + [f"px{i}" for i in range(side * side)])
+            writer.writerows(rows)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, cache_dir):
     """A short real ProtoNet run, shared by the training and CLI tests: Omniglot 5-way 1-shot,
     300 outer steps, tested on 600 fixed tasks."""

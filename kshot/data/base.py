@@ -47,6 +47,11 @@ class FewShotDataset(ABC):
         """
         return None
 
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint must record to read new inputs the way this dataset reads its own
+        (``kshot adapt`` uses it): the image format, or a table's columns and scaling."""
+        return {"image_format": self.image_format.to_dict()} if self.image_format is not None else {}
+
     @property
     def num_classes(self) -> int:
         return len(self.class_examples())
@@ -93,6 +98,9 @@ class ClassSubset(FewShotDataset):
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
         return self.parent.load(indices)
+
+    def checkpoint_extra(self) -> dict:
+        return self.parent.checkpoint_extra()
 
 
 class ArrayDataset(FewShotDataset):
