@@ -141,7 +141,7 @@ def trained_run(tmp_path_factory, cache_dir):
 
     run_dir = tmp_path_factory.mktemp("run") / "quick"
     config = resolve_config("quick", overrides=dict(steps=300, val_every=150, val_tasks=100, test_tasks=600,
-                                                    cache_dir=str(cache_dir)))
+                                                    test_queries=5, cache_dir=str(cache_dir)))
     return run_dir, train(config, run_dir, progress=False)
 
 
