@@ -208,11 +208,23 @@ class Trainer:
 
     def _save(self, path: Path, with_optimizer: bool) -> None:
         if self.dist.is_main:
-            fmt = getattr(self.sampler.dataset, "image_format", None)
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
                             train_state={"step": self.step, "best_val": self.best_val},
                             optimizer=self.optimizer if with_optimizer else None,
-                            extra={"image_format": fmt.to_dict()} if fmt is not None else None)
+                            extra=self._input_description())
+
+    def _input_description(self) -> dict:
+        """What inputs the model takes, so that new data can be made to match it."""
+        if not hasattr(self, "_inputs"):
+            dataset = self.sampler.dataset
+            self._inputs = {"example_shape": list(self.sampler.example_shape)}
+            fmt = getattr(dataset, "image_format", None)
+            if fmt is not None:
+                self._inputs["image_format"] = fmt.to_dict()
+            featuriser = getattr(dataset, "text_featuriser", None)
+            if featuriser is not None:
+                self._inputs["text_features"] = featuriser.to_dict()
+        return self._inputs
 
     def _resume(self) -> None:
         """Continue from last.safetensors if this run directory has one."""
@@ -293,7 +305,8 @@ class Trainer:
         window: dict[str, float] = {}
         n_window, busy, waited = 0, 0.0, 0.0
         t_begin = time.perf_counter()
-        bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {c.ways}-way {c.shots}-shot",
+        shape = "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot"
+        bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {shape}",
                    disable=not self.progress, dynamic_ncols=True)
         self.learner.train()
         batches = self._batches(start, stop)
