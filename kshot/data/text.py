@@ -175,15 +175,14 @@ class TextFeaturiser:
         return self.sparse(texts).dense()
 
     def _word_keys(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        tokens = [text.split() for text in texts]
+        row = np.repeat(np.arange(len(texts), dtype=np.int64), [len(t) for t in tokens])
         vocab: dict[str, int] = {}
-        ids, rows = [], []
-        for i, text in enumerate(texts):
-            words = text.split()
-            ids.extend(vocab.setdefault(w, len(vocab)) for w in words)
-            rows.append(np.full(len(words), i, dtype=np.int64))
-        word_hash = np.array([zlib.crc32(w.encode("utf-8")) for w in vocab], dtype=np.uint64)
-        h = word_hash[np.asarray(ids, dtype=np.int64)] if ids else np.zeros(0, np.uint64)
-        row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        ids = np.fromiter((vocab.setdefault(w, len(vocab)) for t in tokens for w in t),
+                          dtype=np.int64, count=len(row))
+        word_hash = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in vocab), dtype=np.uint64,
+                                count=len(vocab))
+        h = word_hash[ids]
         out_rows, out_keys = [], []
         # An n-gram's key chains its words' hashes: key_n[p] = mix(key_{n-1}[p], h[p + n - 1]).
         key = h.copy()
@@ -216,8 +215,12 @@ class TextFeaturiser:
     def _aggregate(self, rows: np.ndarray, keys: np.ndarray, n_rows: int) -> SparseRows:
         bucket = (keys % np.uint64(self.dim)).astype(np.int64)
         sign = np.where(_fmix32(keys ^ np.uint64(0xA5A5A5A5)) >> np.uint64(31), -1.0, 1.0)
-        cells, inverse = np.unique(rows * self.dim + bucket, return_inverse=True)
-        counts = np.bincount(inverse.reshape(-1), weights=sign, minlength=len(cells))
+        cell = rows * self.dim + bucket
+        order = np.argsort(cell, kind="stable")
+        cell = cell[order]
+        starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]]) if len(cell) else np.zeros(0, np.int64)
+        cells = cell[starts]
+        counts = np.add.reduceat(sign[order], starts) if len(cell) else np.zeros(0)
         keep = counts != 0  # colliding grams of opposite sign cancel exactly
         cells, counts = cells[keep], counts[keep]
         values = np.sign(counts) * np.log1p(np.abs(counts)) if self.sublinear_tf else counts
