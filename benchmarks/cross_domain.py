@@ -18,12 +18,11 @@ Two backbones over the same hashed n-gram features (kshot.data.text): ``feature_
 (learned term weights, cosine prototypes; the presets' choice) and ``sparse_mlp`` (a 512-256
 ReLU MLP, squared Euclidean distances, as in Snell et al.).
 
-Run (finished runs and their evaluations are reused when run again; on 2 CPU cores shared with
-other jobs, each feature_weights run took 1 to 4 minutes and each sparse_mlp run with fixed tasks
-about 10, the sparse_mlp run on Meta-Dataset episodes several times that):
+Run (30 to 45 minutes on 2 CPU cores shared with other jobs: each training 1 to 4 minutes, each
+model's evaluation 80 to 90 s; finished runs and evaluations in --out are reused, and
+``--backbones`` / ``--rows`` run a subset while still reporting the rows run before):
 
     nice -n 10 python benchmarks/cross_domain.py --out runs/cross_domain
-    nice -n 10 python benchmarks/cross_domain.py --out runs/cross_domain --backbones sparse_mlp --rows both-episodes
 
 It writes results.json, table.md and cross_domain.png to --out. ``--tiny`` checks the whole
 pipeline in a minute (figures meaningless).
