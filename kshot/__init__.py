@@ -17,14 +17,16 @@ from kshot.config import PRESETS, TrainConfig, resolve_config
 from kshot.data import ArrayDataset, FewShotDataset, LabelledDataset, Omniglot, load_dataset
 from kshot.errors import CheckpointError, ConfigError, DataError, KshotError
 from kshot.evaluate import EvalResult, evaluate
-from kshot.learners import Learner, Predictor, ProtoNet, create_learner
+from kshot.learners import Learner, Predictor, ProtoNet, Siamese, create_learner
+from kshot.pairs import PairBatch, PairSampler
 from kshot.models import create_model, register_model
 from kshot.tasks import Task, TaskSampler, fixed_tasks
 from kshot.train import Trainer, train
 
 __all__ = [
     "ArrayDataset", "CheckpointError", "ConfigError", "DataError", "EvalResult", "FewShotDataset",
-    "KshotError", "LabelledDataset", "Learner", "Omniglot", "PRESETS", "Predictor", "ProtoNet",
+    "KshotError", "LabelledDataset", "Learner", "Omniglot", "PRESETS", "PairBatch", "PairSampler",
+    "Predictor", "ProtoNet", "Siamese",
     "Task", "TaskSampler", "TrainConfig", "Trainer", "create_learner", "create_model", "evaluate",
     "fixed_tasks", "load_checkpoint", "load_dataset", "load_learner", "register_model",
     "resolve_config", "save_checkpoint", "train",

@@ -60,7 +60,7 @@ def save_checkpoint(path: str | os.PathLike, learner: torch.nn.Module, config: d
                 else:
                     scalars.setdefault(str(idx), {})[key] = value
         meta["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars,
-                             "slots": sorted({str(i) for i in state["state"]})}
+                             "slots": [str(i) for i in sorted(state["state"])]}
     header = {k: json.dumps(v) for k, v in meta.items()}
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -10,12 +10,13 @@ import inspect
 import json
 import re
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Sequence
 
 from kshot.config import MIN_TEST_TASKS, PRESETS, TrainConfig
-from kshot.errors import KshotError
+from kshot.errors import KshotError, KshotWarning
 
 #: Subcommands contributed by other modules: name -> (add_arguments, run).
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
@@ -40,6 +41,14 @@ def _field_help() -> dict[str, str]:
     return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^\n=]+=[^\n#]*#\s*(.+)$", source, re.M)}
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     helps = _field_help()
     group = parser.add_argument_group("settings (override the preset and config file)")
@@ -47,7 +56,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "dict": str}[f.type]  # type: ignore[index]
+        kind = {"int": int, "float": float, "str": str, "dict": str, "bool": _bool}[f.type]  # type: ignore[index]
         metavar = "JSON" if f.type == "dict" else f.type.upper()  # type: ignore[union-attr]
         group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=metavar,
                            help=helps.get(f.name, "").replace("%", "%%"))
@@ -63,6 +72,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = resolve_config(args.preset, args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / (config.preset or f"{config.algo}-{config.dataset}"))
     result = train(config, run_dir, resume=not args.no_resume, progress=not args.quiet)
+    if result.rank:  # under torchrun, rank 0 reports
+        return 0
     print(f"run directory: {run_dir}")
     if result.best_val:
         bv = result.best_val
@@ -119,14 +130,19 @@ def run_eval(args: argparse.Namespace) -> int:
                           f"{config.dataset} gives {tuple(dataset.example_shape)}; evaluate on data "
                           f"of the kind it was trained on")
     seed = EVAL_SEED if args.seed is None else args.seed
+    within = config.test_within_groups if args.within_groups is None else args.within_groups
     if args.episodes == "variable":
         from kshot.metadataset import fixed_episodes
 
+        if within:
+            raise ConfigError("--episodes variable draws classes from the whole split; "
+                              "use --no-within-groups")
         tasks = fixed_episodes(dataset, args.tasks, seed=seed)
         shape = "variable-way variable-shot (Meta-Dataset episodes)"
     else:
-        tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks, seed=seed)
-        shape = f"{ways}-way {shots}-shot, {args.queries} queries per class"
+        tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks, seed=seed, within_groups=within)
+        shape = (f"{ways}-way {shots}-shot, {args.queries} queries per class"
+                 + (", classes of each task from one group" if within else ""))
     result = evaluate(learner, tasks, device=args.device, progress=not args.quiet)
     print(f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
           f"{args.split}: {shape}")
@@ -138,7 +154,7 @@ def run_eval(args: argparse.Namespace) -> int:
         record = {"checkpoint": str(args.checkpoint), "split": args.split, "episodes": args.episodes,
                   "ways": None if variable else ways, "shots": None if variable else shots,
                   "queries": None if variable else args.queries, "dataset": config.dataset,
-                  "protocol": config.protocol,
+                  "protocol": config.protocol, "within_groups": within,
                   **result.summary()}
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     return 0
@@ -153,6 +169,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=1000, help=f"fixed test tasks (default 1000, at least {MIN_TEST_TASKS})")
     p.add_argument("--split", default="test", choices=("test", "val", "train", "trainval"))
     p.add_argument("--seed", type=int, default=None, help="seed of the task set (default: kshot's fixed one)")
+    p.add_argument("--within-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw each task's classes from one group, e.g. one Omniglot alphabet "
+                        "(default: as the run was validated)")
     p.add_argument("--episodes", default="fixed", choices=("fixed", "variable"),
                    help="fixed: --ways x --shots tasks; variable: Meta-Dataset episodes")
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on "
@@ -164,6 +183,97 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the result as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- verify
+@command("verify", "are two images of the same class? (a Siamese checkpoint's similarity and decision)")
+def run_verify(args: argparse.Namespace) -> int:
+    import torch
+
+    from kshot.checkpoint import build_learner, load_checkpoint
+    from kshot.data.images import ImageFormat
+    from kshot.errors import CheckpointError, ConfigError
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.learner.get("algo") != "siamese":
+        raise ConfigError(f"kshot verify needs a Siamese checkpoint; {args.checkpoint} holds a "
+                          f"{ckpt.learner.get('algo')!r} learner (train one with --algo siamese)")
+    if "image_format" not in ckpt.extra:
+        raise CheckpointError(f"{args.checkpoint} does not record the image format its model was trained "
+                              f"on, so image files cannot be read for it")
+    fmt = ImageFormat.from_dict(ckpt.extra["image_format"])
+    first, second = fmt.read(args.first), fmt.read(args.second)
+    learner = build_learner(ckpt).eval()
+    if args.threshold is not None:
+        how = "given"
+        learner.threshold.fill_(learner.from_display(args.threshold))
+    elif learner.calibrated:
+        how = f"calibrated at the equal-error rate, {100 * float(learner.eer):.2f} %, of held-out pairs"
+    else:
+        how = "not calibrated: the loss's own boundary"
+    with torch.no_grad():
+        scores, same = learner.verify(first[None], second[None])
+    name, threshold = learner.display_name, learner.display(learner.decision_threshold)
+    print(f"{name} {learner.display(float(scores[0])):.4f} (threshold {threshold:.4f}, {how})")
+    print("same" if bool(same[0]) else "different")
+    return 0
+
+
+@run_verify.arguments
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a Siamese .safetensors checkpoint, or its run directory (uses best)")
+    p.add_argument("first", metavar="A", help="an image file")
+    p.add_argument("second", metavar="B", help="another image file")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decide at this similarity (koch: a probability) or distance (contrastive, "
+                        "triplet) instead of the calibrated threshold")
+
+
+# ----------------------------------------------------------------------------- adapt
+@command("adapt", "adapt a trained learner to your own classes and predict your query files")
+def run_adapt(args: argparse.Namespace) -> int:
+    from kshot.adapt import adapt_and_predict
+    from kshot.train import resolve_device
+
+    if args.shots is not None and args.shots < 1:
+        from kshot.errors import ConfigError
+        raise ConfigError(f"--shots must be at least 1, not {args.shots}")
+    model, support, predictions = adapt_and_predict(
+        args.checkpoint, args.support, args.query, shots=args.shots,
+        device=resolve_device(args.device), batch_size=args.batch_size)
+    info = sys.stderr if args.out == "-" else sys.stdout
+    classes = ", ".join(f"{name} ({n})" for name, n in list(model.support_counts.items())[:8])
+    more = f", ... ({model.ways} classes)" if model.ways > 8 else ""
+    print(f"adapted {model.learner.algo} to {model.ways} classes from {len(support.names)} support "
+          f"examples: {classes}{more}", file=info)
+    if args.out == "-":
+        sys.stdout.write(predictions.to_csv())
+    else:
+        predictions.write_csv(args.out)
+        print(f"wrote {len(predictions.names)} predictions to {args.out}", file=info)
+    if predictions.accuracy is not None:
+        print(f"accuracy {100 * predictions.accuracy:.2f} % ({predictions.correct} of "
+              f"{len(predictions.names)} labelled queries)", file=info)
+    return 0
+
+
+@run_adapt.arguments
+def _adapt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument("--support", required=True,
+                   help="folder with one sub-folder of images per class (or, for a model trained on "
+                        "a table, a CSV/Parquet file with the label column)")
+    p.add_argument("--query", required=True,
+                   help="folder of images to classify, loose or in class sub-folders (then accuracy "
+                        "is printed too); or a table")
+    p.add_argument("--out", default="predictions.csv",
+                   help="CSV written with one row per query: file, predicted class, probability of "
+                        "each class (default: predictions.csv; '-' prints it)")
+    p.add_argument("--shots", type=int, default=None,
+                   help="use only the first SHOTS support examples of each class (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, dest="batch_size",
+                   help="query examples per forward pass (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -190,18 +300,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """kshot's own warnings as one line, like its errors; others as Python shows them."""
+    if issubclass(category, KshotWarning):
+        print(f"kshot: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except KshotError as e:
-        print(f"kshot: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kshot: interrupted (a run resumes from its last checkpoint with the same command)",
-              file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", KshotWarning)
+        try:
+            return int(args.run(args) or 0)
+        except KshotError as e:
+            from kshot.distributed import rank_label
+
+            print(f"kshot: error: {rank_label()}{e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("kshot: interrupted (a run resumes from its last checkpoint with the same command)",
+                  file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

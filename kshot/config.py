@@ -35,6 +35,9 @@ class TrainConfig:
     dataset: str = "omniglot"  # dataset name
     protocol: str = ""  # dataset split protocol ("": the dataset's default; omniglot: vinyals | lake)
     image_size: int = 28  # side of the square input images
+    data_path: str = ""  # your own data: a folder of class sub-folders (--dataset folder) or a CSV/Parquet table (--dataset table)
+    split_file: str = ""  # your own data's meta-train/val/test classes, JSON or CSV; drawn and written there when missing (default: <run-dir>/classes.json)
+    train_split: str = "train"  # split to meta-train on: train, or trainval (train + val, for final runs)
     backbone: str = "conv4"  # backbone network
     backbone_options: dict = field(default_factory=dict)  # extra backbone arguments, e.g. {"hidden": 32}
     # -- tasks
@@ -44,6 +47,7 @@ class TrainConfig:
     test_ways: int = 0  # classes per validation/test task (0: same as ways)
     test_shots: int = 0  # support examples per class at validation/test (0: same as shots)
     test_queries: int = 15  # query examples per class at validation/test
+    test_within_groups: bool = False  # validation/test tasks take all classes from one group (omniglot: one alphabet)
     meta_batch_size: int = 1  # tasks per outer step
     episodes: str = "fixed"  # training tasks: fixed (ways x shots) | variable (Meta-Dataset: 5-50 ways, varying shots)
     source_weights: str = "uniform"  # multi-source datasets (a+b): each task's source uniform | classes (by class count)
@@ -60,6 +64,10 @@ class TrainConfig:
     # -- learner options (each learner reads the ones it uses)
     distance: str = "euclidean"  # protonet: euclidean | cosine
     temperature: float = 10.0  # protonet: scale of cosine similarities
+    similarity: str = "koch"  # siamese: koch (weighted L1 + sigmoid) | contrastive | triplet
+    margin: float = 1.0  # siamese: margin of the contrastive and triplet losses
+    pairs: int = 128  # siamese: pairs per training batch, half same-class, half different
+    augment: str = "none"  # siamese: none | affine (Koch et al.'s random distortions of training pairs)
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks
@@ -70,6 +78,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes for task sampling (0: a background thread)
     threads: int = 0  # torch intra-op threads (0: torch's default)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dist_timeout: float = 600.0  # distributed runs: seconds a process waits for the others before failing
     # -- where things are
     data_dir: str = ""  # archives (default: $KSHOT_DATA_DIR, else the user cache)
     cache_dir: str = ""  # writable caches (default: $KSHOT_CACHE_DIR, else the user cache)
@@ -109,6 +118,10 @@ class TrainConfig:
         if 0 < self.test_tasks < MIN_TEST_TASKS:
             raise ConfigError(f"test_tasks={self.test_tasks}: a reported accuracy needs at least "
                               f"{MIN_TEST_TASKS} test tasks (or 0 to skip the final test)")
+        if self.train_split not in ("train", "trainval"):
+            raise ConfigError(f"train_split must be train or trainval, not {self.train_split!r}")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"dist_timeout must be positive, not {self.dist_timeout}")
         if self.log_every < 1:
             raise ConfigError("log_every must be at least 1")
         return self

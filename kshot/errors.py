@@ -20,3 +20,15 @@ class ConfigError(KshotError):
 
 class CheckpointError(KshotError):
     """A checkpoint is missing, unreadable, or was not written by kshot."""
+
+
+class DistributedError(KshotError):
+    """The processes of a distributed run could not meet, or one of them failed or stopped."""
+
+
+class KshotWarning(UserWarning):
+    """Something the user should know, that did not stop the work (the CLI prints one line)."""
+
+
+class DataWarning(KshotWarning):
+    """Some input was skipped (unreadable images, classes too small to draw tasks from)."""

@@ -6,6 +6,8 @@ literature, registered by name so that configs and checkpoints can refer to them
 * ``conv4``: 4 x [3x3 conv, batch norm, ReLU, 2x2 max-pool] (Vinyals et al. 2016; Snell et al.
   2017; Finn et al. 2017). 28x28 input gives a 64-d embedding, 84x84 a 1,600-d one.
 * ``mlp``: fully connected ReLU network (MAML's sinusoid regressor is ``mlp`` with 40-40).
+* ``resnet12``: 4 residual blocks of 3 convolutions, widths 64-160-320-640 (Lee et al. 2019)
+  or 64-128-256-512 (Oreshkin et al. 2018), for 84x84 colour images.
 * ``sparse_mlp``: ``mlp`` with a first layer that reads only nonzero inputs (hashed text features).
 * ``feature_weights``: a learned positive weight per input feature (text: learned term weighting).
 
@@ -149,6 +151,124 @@ def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: in
     if out_features:
         layers.append(nn.Linear(width, out_features))
     return nn.Sequential(*layers)
+
+
+class Koch(nn.Sequential):
+    """The encoder of Koch, Zemel and Salakhutdinov's Siamese network (ICML DL Workshop 2015).
+
+    Valid (unpadded) convolutions with ReLU, 2x2 max-pools after all but the last, then a fully
+    connected sigmoid layer. On 105x105 Omniglot images: conv 64@10x10, 128@7x7, 128@4x4,
+    256@4x4, then 4,096 units; 38.95M parameters, nearly all in the last layer.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 105, embedding_dim: int = 4096,
+                 channels: Sequence[int] = (64, 128, 128, 256), kernels: Sequence[int] = (10, 7, 4, 4)):
+        if len(channels) != len(kernels) or not channels:
+            raise ConfigError("koch needs as many kernel sizes as channel counts")
+        layers: list[nn.Module] = []
+        side, width = int(image_size), int(in_channels)
+        for i, (c, k) in enumerate(zip(channels, kernels)):
+            side -= int(k) - 1
+            layers += [nn.Conv2d(width, int(c), int(k)), nn.ReLU(inplace=True)]
+            if i < len(channels) - 1:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            width = int(c)
+            if side < 1:
+                raise ConfigError(f"koch's {len(kernels)} valid convolutions (kernels {list(kernels)}) do not "
+                                  f"fit {image_size}x{image_size} images; use larger images, smaller "
+                                  f"kernels (backbone option \"kernels\"), or conv4")
+        layers += [nn.Flatten(), nn.Linear(width * side * side, int(embedding_dim)), nn.Sigmoid()]
+        super().__init__(*layers)
+
+
+@register_model(input_kwargs=_image_input)
+def koch(in_channels: int = 1, image_size: int = 105, embedding_dim: int = 4096,
+         channels: Sequence[int] = (64, 128, 128, 256), kernels: Sequence[int] = (10, 7, 4, 4)) -> nn.Module:
+    return Koch(in_channels, image_size, embedding_dim, channels, kernels)
+
+
+# ----------------------------------------------------------------------------- ResNet-12
+class ResidualBlock12(nn.Module):
+    """One ResNet-12 block: 3 x [3x3 conv, batch norm, leaky ReLU] with a 1x1-conv shortcut
+    added before the last activation, then 2x2 max-pooling (and optional dropout)."""
+
+    def __init__(self, in_channels: int, out_channels: int, slope: float = 0.1, dropout: float = 0.0,
+                 track_running_stats: bool = True):
+        super().__init__()
+
+        def bn() -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats)
+
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), bn(), nn.LeakyReLU(slope),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), bn(), nn.LeakyReLU(slope),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), bn())
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), bn())
+        self.out = nn.Sequential(nn.LeakyReLU(slope), nn.MaxPool2d(2))
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.out(self.body(x) + self.shortcut(x)))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 of the few-shot literature.
+
+    Provenance: introduced for few-shot learning by Mishra et al. (SNAIL, ICLR 2018) and
+    Oreshkin et al. (TADAM, NeurIPS 2018, widths 64-128-256-512, global average pooling); the
+    widths 64-160-320-640 with leaky ReLU (slope 0.1) are those of Lee et al. (MetaOptNet, CVPR
+    2019), used by most later work. Written from the papers' descriptions; DropBlock, which
+    MetaOptNet adds, is left out (plain ``dropout`` after each block is available).
+
+    Input ``[n, C, 84, 84]`` gives ``[n, 640]`` with ``pool='avg'`` (global average pooling), or
+    ``[n, 640 * 5 * 5]`` with ``pool='flatten'`` (MetaOptNet's 16,000-d embedding).
+
+    Args:
+        in_channels: image channels.
+        channels: widths of the 4 blocks.
+        pool: ``avg`` or ``flatten``.
+        dropout: dropout rate after each block (0: none).
+        track_running_stats: False makes batch norm always use the batch's statistics (MAML).
+        out_features: add a linear head with this many outputs (0: embedding only).
+        image_size: input side, needed to size the head when ``pool='flatten'``.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640), pool: str = "avg",
+                 dropout: float = 0.0, track_running_stats: bool = True, out_features: int = 0,
+                 image_size: int = 84):
+        super().__init__()
+        if pool not in ("avg", "flatten"):
+            raise ConfigError(f"resnet12 pool must be 'avg' or 'flatten', not {pool!r}")
+        if len(channels) != 4:
+            raise ConfigError(f"resnet12 has 4 blocks, so channels needs 4 widths, not {list(channels)}")
+        widths = [in_channels, *[int(c) for c in channels]]
+        self.blocks = nn.Sequential(*[ResidualBlock12(widths[i], widths[i + 1], dropout=dropout,
+                                                      track_running_stats=track_running_stats)
+                                      for i in range(4)])
+        self.pool = pool
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if pool == "flatten" and side < 1:
+            raise ConfigError(f"resnet12 halves the image 4 times: {image_size}px is too small")
+        features = widths[-1] if pool == "avg" else widths[-1] * side * side
+        self.head = nn.Linear(features, out_features) if out_features else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.blocks(x)
+        z = z.mean(dim=(-2, -1)) if self.pool == "avg" else z.flatten(1)
+        return self.head(z) if self.head is not None else z
+
+
+@register_model(input_kwargs=_image_input)
+def resnet12(in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640), pool: str = "avg",
+             dropout: float = 0.0, track_running_stats: bool = True, out_features: int = 0,
+             image_size: int = 84) -> nn.Module:
+    return ResNet12(in_channels, channels, pool, dropout, track_running_stats, out_features, image_size)
 
 
 class SparseInputMLP(nn.Module):

@@ -59,3 +59,30 @@ def plot_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_roc(curves: dict, out: str | Path) -> Path:
+    """ROC curves of verifiers, each with its equal-error point and AUC.
+
+    Args:
+        curves: label -> an object with ``fpr``, ``tpr`` (arrays), ``eer`` and ``auc``
+            (e.g. :class:`kshot.verification.VerificationReport`).
+        out: the PNG to write.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    ax.plot([0, 1], [1, 0], "--", color="lightgrey", linewidth=0.8, label="FPR = FNR")
+    for label, c in curves.items():
+        (line,) = ax.plot(c.fpr, c.tpr, label=f"{label}: AUC {c.auc:.3f}, EER {100 * c.eer:.1f}%")
+        ax.plot([c.eer], [1 - c.eer], "o", color=line.get_color())
+    ax.set(xlabel="false-positive rate (different pairs called same)",
+           ylabel="true-positive rate (same pairs called same)", title="verification ROC",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out

@@ -12,6 +12,7 @@ that split a meta-batch of exactly the tasks a single process would have drawn.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kshot.data.base import FewShotDataset
-from kshot.errors import DataError
+from kshot.errors import DataError, DataWarning
 
 #: Seed of the fixed evaluation tasks, distinct from any training seed people commonly use.
 EVAL_SEED = 20_170_315
@@ -73,14 +74,17 @@ class TaskSampler:
         queries: query examples per class (Q); support and query never share an example.
         seed: the stream's seed; task ``(step, index)`` depends on nothing else.
         meta_batch_size: tasks per meta-batch, for :meth:`meta_batch` and iteration.
+        within_groups: draw all of a task's classes from one group of the dataset's
+            :meth:`~kshot.data.FewShotDataset.class_groups` (Omniglot: one alphabet), the group
+            chosen uniformly among those with enough classes.
 
     Raises:
         DataError: when the dataset has fewer than ``ways`` classes with at least
-            ``shots + queries`` examples each.
+            ``shots + queries`` examples each (in one group, with ``within_groups``).
     """
 
     def __init__(self, dataset: FewShotDataset, ways: int, shots: int, queries: int, seed: int = 0,
-                 meta_batch_size: int = 1):
+                 meta_batch_size: int = 1, within_groups: bool = False):
         for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0),
                                  ("meta_batch_size", meta_batch_size, 1)):
             if int(value) != value or value < low:
@@ -92,22 +96,50 @@ class TaskSampler:
         need = self.shots + self.queries
         self._eligible = np.flatnonzero(counts >= need)
         if len(counts) < self.ways:
-            raise DataError(f"cannot draw {self.ways}-way tasks from a dataset of {len(counts)} "
+            what = getattr(dataset, "description", "a dataset")
+            raise DataError(f"cannot draw {self.ways}-way tasks from {what} of {len(counts)} "
                             f"classes; use --ways {len(counts)} or fewer")
-        if len(self._eligible) < self.ways:
-            raise DataError(f"{self.shots} shots + {self.queries} queries need {need} examples per "
-                            f"class, but only {len(self._eligible)} of {len(counts)} classes have "
-                            f"that many (the smallest has {counts.min()}); lower --shots or --queries")
+        short = np.flatnonzero(counts < need)
+        if len(short):
+            names = getattr(dataset, "class_names", None) or [str(c) for c in range(len(counts))]
+            listed = ", ".join(f"{names[c]!r} ({counts[c]})" for c in short[np.argsort(counts[short], kind="stable")][:3])
+            more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+            if len(self._eligible) < self.ways:
+                raise DataError(f"{self.shots} shots + {self.queries} queries need {need} examples per "
+                                f"class, but only {len(self._eligible)} of {len(counts)} classes have "
+                                f"that many (too few: {listed}{more}); lower --shots or --queries, "
+                                f"or add examples")
+            warnings.warn(f"{len(short)} of {len(counts)} classes have fewer than {need} examples "
+                          f"({self.shots} shots + {self.queries} queries) and are never drawn: "
+                          f"{listed}{more}", DataWarning, stacklevel=2)
         # A padded [classes, max_count] table lets one vectorised draw pick every class's examples.
         width = int(counts.max())
         self._table = np.zeros((len(counts), width), dtype=np.int64)
         for c, e in enumerate(examples):
             self._table[c, :len(e)] = e
         self._counts = counts
+        self.within_groups = bool(within_groups)
+        self._groups = self._group_members(dataset) if self.within_groups else []
+
+    def _group_members(self, dataset: FewShotDataset) -> list[np.ndarray]:
+        """Eligible classes of each group that has at least ``ways`` of them."""
+        groups = dataset.class_groups()
+        if groups is None:
+            raise DataError(f"{type(dataset).__name__} does not group its classes (e.g. by alphabet), "
+                            f"so tasks cannot be drawn within one group; drop --test-within-groups")
+        of_eligible = np.asarray(groups)[self._eligible]
+        members = [self._eligible[of_eligible == g] for g in np.unique(of_eligible)]
+        usable = [m for m in members if len(m) >= self.ways]
+        if not usable:
+            largest = max((len(m) for m in members), default=0)
+            raise DataError(f"no group has {self.ways} classes with {self.shots + self.queries} examples "
+                            f"(the largest has {largest}); lower --ways, or draw tasks across groups")
+        return usable
 
     def __repr__(self) -> str:
+        within = f", within {len(self._groups)} groups" if self.within_groups else ""
         return (f"TaskSampler({self.ways}-way {self.shots}-shot, {self.queries} queries, "
-                f"seed={self.seed}, classes={len(self._eligible)})")
+                f"seed={self.seed}, classes={len(self._eligible)}{within})")
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -121,7 +153,10 @@ class TaskSampler:
         rng = self.rng(step, index)
         # Only uniform doubles are drawn (a bit stream NumPy keeps stable across versions);
         # choices are the k smallest of iid keys, which is a uniform draw without replacement.
-        classes = self._eligible[_smallest(rng.random(len(self._eligible)), self.ways)]
+        pool = self._eligible
+        if self.within_groups:
+            pool = self._groups[int(_smallest(rng.random(len(self._groups)), 1)[0])]
+        classes = pool[_smallest(rng.random(len(pool)), self.ways)]
         keys = rng.random((self.ways, self._table.shape[1]))
         keys[np.arange(self._table.shape[1])[None, :] >= self._counts[classes][:, None]] = 2.0
         pick = _smallest(keys, self.shots + self.queries)
@@ -194,17 +229,21 @@ def identity_collate(item):
 
 
 def fixed_tasks(dataset: FewShotDataset, ways: int, shots: int, queries: int,
-                n_tasks: int = 1000, seed: int = EVAL_SEED) -> "FixedTasks":
+                n_tasks: int = 1000, seed: int = EVAL_SEED, within_groups: bool = False) -> "FixedTasks":
     """A fixed, seeded set of evaluation tasks: the same tasks on every machine, every time.
 
     From a multi-source dataset (``a+b``), each task's classes come from one source."""
     from kshot.data.multisource import MultiSourceDataset
 
     if isinstance(dataset, MultiSourceDataset):
+        if within_groups:
+            raise DataError("within-group tasks are not available from a multi-source dataset; "
+                            "evaluate on each source separately")
         from kshot.metadataset import task_sampler
 
         return FixedTasks(task_sampler(dataset, "fixed", ways, shots, queries, seed=seed), n_tasks)
-    return FixedTasks(TaskSampler(dataset, ways, shots, queries, seed=seed), n_tasks)
+    return FixedTasks(TaskSampler(dataset, ways, shots, queries, seed=seed,
+                                  within_groups=within_groups), n_tasks)
 
 
 class FixedTasks(Sequence[Task]):

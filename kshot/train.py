@@ -23,6 +23,7 @@ import math
 import queue
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,19 +32,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kshot import distributed
 from kshot.checkpoint import load_checkpoint, save_checkpoint
 from kshot.config import TrainConfig, config_from_dict
-from kshot.data import load_dataset
+from kshot.data import SPLIT_FILE_DATASETS, load_dataset
 from kshot.data.archives import atomic_write_text
-from kshot.distributed import Distributed, single_process
+from kshot.distributed import Distributed
 from kshot.errors import CheckpointError, ConfigError
-from kshot.evaluate import EvalResult, evaluate
+from kshot.evaluate import EvalResult
 from kshot.learners import LEARNERS, Learner
 from kshot.tasks import MetaBatch, Task, TaskSampler, fixed_tasks, identity_collate
 
 #: Settings that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "log_every", "test_tasks",
-                     "num_workers", "threads", "device", "data_dir", "cache_dir"}
+                     "num_workers", "threads", "device", "data_dir", "cache_dir", "dist_timeout"}
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TrainResult:
     best_val: dict | None
     test: dict | None
     seconds: float
+    rank: int = 0  # this process's rank in a distributed run (0: the one that reports)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,8 +90,22 @@ def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
 
 
 def dataset_settings(config: TrainConfig) -> dict:
-    return dict(protocol=config.protocol, image_size=config.image_size,
-                data_dir=config.data_dir or None, cache_dir=config.cache_dir or None, **config.extra)
+    return dict(protocol=config.protocol, image_size=config.image_size, data_path=config.data_path,
+                split_file=config.split_file, data_dir=config.data_dir or None,
+                cache_dir=config.cache_dir or None, **config.extra)
+
+
+def _checkpoint_extra(dataset) -> dict | None:
+    """How the training data read its inputs (image format, table columns, text featuriser), for
+    ``kshot adapt``, and the shape of one example, so that ``kshot eval`` can refuse other data."""
+    extra = getattr(dataset, "checkpoint_extra", None)
+    if callable(extra):
+        record = dict(extra() or {})
+    else:
+        fmt = getattr(dataset, "image_format", None)
+        record = {"image_format": fmt.to_dict()} if fmt is not None else {}
+    record["example_shape"] = list(dataset.example_shape)
+    return record
 
 
 class Prefetcher:
@@ -137,7 +154,8 @@ class Trainer:
         learner: the learner to train (built from the config when omitted).
         sampler: training tasks (built from the config's dataset when omitted).
         val_tasks / test_tasks: fixed tasks (built from the config's dataset when omitted).
-        dist: the process group (single process by default).
+        dist: this process's place in a distributed run (default: the process group already
+            set up, else a single process; :func:`train` sets one up under torchrun).
         progress: show a progress bar.
     """
 
@@ -147,9 +165,9 @@ class Trainer:
                  progress: bool = True):
         self.config = config.validate()
         self.run_dir = Path(run_dir)
-        self.dist = dist or single_process()
+        self.dist = dist or distributed.current(config.dist_timeout)
         self.progress = progress and self.dist.is_main
-        self.device = resolve_device(config.device)
+        self.device = self.dist.device or resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         if self.config.meta_batch_size % self.dist.world_size:
@@ -157,8 +175,11 @@ class Trainer:
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
         if config.algo not in LEARNERS:
             raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+        if config.dataset in SPLIT_FILE_DATASETS and not config.split_file:
+            # The drawn class split is kept beside the run, so that eval and resume reuse it.
+            self.config.split_file = str((self.run_dir / "classes.json").resolve())
         if sampler is None:
-            train_set = load_dataset(config.dataset, "train", **dataset_settings(config))
+            train_set = load_dataset(config.dataset, config.train_split, **dataset_settings(config))
             sampler = LEARNERS[config.algo].make_sampler(config, train_set)
         self.sampler = sampler
         self._val_tasks, self._test_tasks = val_tasks, test_tasks
@@ -168,12 +189,14 @@ class Trainer:
         self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
         self.step = 0
         self.best_val: dict | None = None
+        self.after_training_summary: dict | None = None  # from the learner's after_training report
 
     # ------------------------------------------------------------------ fixed tasks
     def _fixed(self, split: str, n_tasks: int) -> Sequence[Task]:
         c = self.config
         dataset = load_dataset(c.dataset, split, **dataset_settings(c))
-        return fixed_tasks(dataset, c.eval_ways, c.eval_shots, c.test_queries, n_tasks)
+        return fixed_tasks(dataset, c.eval_ways, c.eval_shots, c.test_queries, n_tasks,
+                           within_groups=c.test_within_groups)
 
     @property
     def val_tasks(self) -> Sequence[Task]:
@@ -211,33 +234,14 @@ class Trainer:
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
                             train_state={"step": self.step, "best_val": self.best_val},
                             optimizer=self.optimizer if with_optimizer else None,
-                            extra=self._input_description())
-
-    def _input_description(self) -> dict:
-        """What inputs the model takes, so that new data can be made to match it."""
-        if not hasattr(self, "_inputs"):
-            dataset = self.sampler.dataset
-            self._inputs = {"example_shape": list(self.sampler.example_shape)}
-            fmt = getattr(dataset, "image_format", None)
-            if fmt is not None:
-                self._inputs["image_format"] = fmt.to_dict()
-            featuriser = getattr(dataset, "text_featuriser", None)
-            if featuriser is not None:
-                self._inputs["text_features"] = featuriser.to_dict()
-        return self._inputs
+                            extra=_checkpoint_extra(self.sampler.dataset))
 
     def _resume(self) -> None:
-        """Continue from last.safetensors if this run directory has one."""
-        if not self.last_path.is_file():
+        """Continue from last.safetensors if this run directory has one (read by rank 0, whose
+        reading every rank receives: all resume from identical state)."""
+        ckpt = self.dist.from_main(self._read_last)
+        if ckpt is None:
             return
-        ckpt = load_checkpoint(self.last_path)
-        saved = config_from_dict(ckpt.config).to_dict()
-        now = self.config.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
-            raise ConfigError(f"{self.run_dir} holds a run with other settings ({diffs}); "
-                              f"use another --run-dir, or delete {self.last_path} to start over")
         try:
             self.learner.load_state_dict(ckpt.state_dict)
             if ckpt.optimizer is not None:
@@ -248,6 +252,20 @@ class Trainer:
         self.step = int(ckpt.train_state.get("step", 0))
         self.best_val = ckpt.train_state.get("best_val")
         self._truncate_metrics(self.step)
+
+    def _read_last(self):
+        """The checkpoint to resume from, checked against this run's config, or None."""
+        if not self.last_path.is_file():
+            return None
+        ckpt = load_checkpoint(self.last_path)
+        saved = config_from_dict(ckpt.config).to_dict()
+        now = self.config.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
+            raise ConfigError(f"{self.run_dir} holds a run with other settings ({diffs}); "
+                              f"use another --run-dir, or delete {self.last_path} to start over")
+        return ckpt
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from (and any torn last line)."""
@@ -279,7 +297,8 @@ class Trainer:
             prefetcher.close()
 
     def validate(self) -> EvalResult:
-        return evaluate(self.learner, self.val_tasks, device=self.device, progress=False)
+        """Accuracy on the fixed validation tasks (shared among the ranks of a distributed run)."""
+        return self.dist.evaluate(self.learner, self.val_tasks, device=self.device, progress=False)
 
     def _is_better(self, result: dict) -> bool:
         if self.best_val is None:
@@ -299,6 +318,7 @@ class Trainer:
             self.metrics_path.unlink()
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
+        self.dist.broadcast_state(self.learner)  # every rank starts from rank 0's weights
         start = self.step
         stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
         params = [p for p in self.learner.parameters() if p.requires_grad]
@@ -320,8 +340,11 @@ class Trainer:
                     group["lr"] = learning_rate(c, step)
                 batch = [t.to(self.device, non_blocking=True) for t in batch]
                 self.optimizer.zero_grad(set_to_none=True)
+                statistics = self.dist.snapshot_statistics(self.learner)
                 metrics = self.learner.meta_gradient(batch)
-                self.dist.average_gradients(params)
+                # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
+                # merged: every rank then holds the state one process would have.
+                metrics = self.dist.average_gradients(params, metrics, statistics)
                 if c.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 self.optimizer.step()
@@ -353,12 +376,14 @@ class Trainer:
         if self.step >= c.steps:
             if not self.best_path.exists() and self.dist.is_main:
                 self._save(self.best_path, with_optimizer=False)  # no validation: the final weights
+            self._after_training()
             test = self._final_test(seconds)
-        return TrainResult(self.run_dir, self.step, self.best_val, test, seconds)
+        self.best_val = self.dist.from_main(lambda: self.best_val)
+        return TrainResult(self.run_dir, self.step, self.best_val, test, seconds, self.dist.rank)
 
     def _validate_and_keep_best(self) -> None:
+        result = self.validate().summary()
         if self.dist.is_main:
-            result = self.validate().summary()
             self._log({"step": self.step, "split": "val", **result})
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
@@ -366,34 +391,67 @@ class Trainer:
             if self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
                            f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}")
-        self.dist.barrier()
 
-    def _final_test(self, seconds: float) -> dict | None:
-        if not self.dist.is_main:
-            return None
-        from kshot.plots import plot_curves
+    def _val_dataset(self):
+        sampler = getattr(self._val_tasks, "sampler", None)
+        if sampler is not None:
+            return sampler.dataset
+        c = self.config
+        return load_dataset(c.dataset, "val", **dataset_settings(c))
 
-        plot_curves(self.metrics_path, self.run_dir / "curves.png")
-        if not self.config.test_tasks:
-            return None
+    def _after_training(self) -> None:
+        """Give the learner its :meth:`Learner.after_training` call on the best weights, and save
+        what it changes into the best checkpoint (rerunning after a crash redoes it exactly)."""
+        if not self.dist.is_main or type(self.learner).after_training is Learner.after_training:
+            return
         best = load_checkpoint(self.best_path)
         current = {k: v.clone() for k, v in self.learner.state_dict().items()}
         self.learner.load_state_dict(best.state_dict)
         try:
-            result = evaluate(self.learner, self.test_tasks, device=self.device, progress=self.progress,
-                              desc="testing").summary()
+            report = self.learner.after_training(self._val_dataset())
+            if report is not None:
+                save_checkpoint(self.best_path, self.learner, config=best.config,
+                                train_state=best.train_state, extra=best.extra)
+                report.write(self.run_dir)
+                self.after_training_summary = report.summary()
         finally:
             self.learner.load_state_dict(current)
+
+    def _final_test(self, seconds: float) -> dict | None:
+        if self.dist.is_main:
+            from kshot.plots import plot_curves
+
+            plot_curves(self.metrics_path, self.run_dir / "curves.png")
+        if not self.config.test_tasks:
+            return None
+        best = self.dist.from_main(lambda: load_checkpoint(self.best_path).state_dict)
+        current = {k: v.clone() for k, v in self.learner.state_dict().items()}
+        self.learner.load_state_dict(best)
+        try:
+            result = self.dist.evaluate(self.learner, self.test_tasks, device=self.device,
+                                        progress=self.progress, desc="testing").summary()
+        finally:
+            self.learner.load_state_dict(current)
+        if not self.dist.is_main:
+            return {**result, "ways": self.config.eval_ways, "shots": self.config.eval_shots}
         c = self.config
         summary = {"test": {**result, "ways": c.eval_ways, "shots": c.eval_shots},
-                   "best_val": self.best_val, "steps": self.step, "train_seconds_this_session": seconds,
+                   "best_val": self.best_val, "after_training": self.after_training_summary,
+                   "steps": self.step, "train_seconds_this_session": seconds,
                    "config": c.to_dict()}
         atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
         return summary["test"]
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
-          stop_after: int | None = None, **components) -> TrainResult:
-    """Meta-train as ``config`` says, in ``run_dir`` (resuming a run found there)."""
-    trainer = Trainer(config, run_dir, progress=progress, **components)
-    return trainer.fit(resume=resume, stop_after=stop_after)
+          stop_after: int | None = None, dist: Distributed | None = None, **components) -> TrainResult:
+    """Meta-train as ``config`` says, in ``run_dir`` (resuming a run found there).
+
+    Under torchrun the processes share each meta-batch (see :mod:`kshot.distributed`).
+    """
+    config.validate()
+    group = (nullcontext(dist) if dist is not None else
+             distributed.launch(config.device, config.dist_timeout, config.meta_batch_size))
+    with group as dist:
+        trainer = Trainer(config, run_dir, progress=progress, dist=dist, **components)
+        return trainer.fit(resume=resume, stop_after=stop_after)

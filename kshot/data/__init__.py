@@ -7,14 +7,21 @@ directory and writes caches to the cache directory (see :mod:`kshot.data.archive
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
+
+import numpy as np
 
 from kshot.data.archives import cache_dir, data_dir
 from kshot.data.base import ArrayDataset, ClassSubset, FewShotDataset, LabelledDataset
+from kshot.data.folders import ImageFolder
+from kshot.data.miniimagenet import MiniImageNet
 from kshot.data.multisource import SOURCE_SEPARATOR, MultiSourceDataset
 from kshot.data.omniglot import Omniglot
+from kshot.data.splits import DEFAULT_FRACTIONS, ClassSplit, natural_key, resolve_split
+from kshot.data.tables import TableDataset, TableFormat, find_label_column, read_table
 from kshot.data.text import Banking77, Clinc150, TextDataset, TextFeaturiser
-from kshot.errors import ConfigError
+from kshot.errors import ConfigError, DataError, DataWarning
 
 #: name -> loader(split, **settings) -> FewShotDataset
 DATASETS: dict[str, Callable[..., FewShotDataset]] = {}
@@ -46,6 +53,63 @@ def _banking77(split: str, protocol: str = "", data_dir: str | None = None,
     return Banking77(split, protocol=protocol or "intents", features=features, data_dir=data_dir or None)
 
 
+@register_dataset("miniimagenet")
+def _miniimagenet(split: str, image_size: int = 84, data_dir: str | None = None,
+                  cache_dir: str | None = None, **_) -> FewShotDataset:
+    if image_size != 84:
+        warnings.warn(f"mini-ImageNet at {image_size}x{image_size}: the standard is 84x84 "
+                      f"(--image-size 84)", DataWarning, stacklevel=3)
+    return MiniImageNet(split, image_size=image_size, data_dir=data_dir or None, cache_dir=cache_dir or None)
+
+
+def _class_split(class_names, split_file: str, split_seed: int, split_fractions) -> ClassSplit:
+    if not split_file:
+        warnings.warn("no split file given: the class split is drawn from split_seed and not "
+                      "recorded; pass --split-file to keep it", DataWarning, stacklevel=3)
+    return resolve_split(class_names, split_file or None, seed=split_seed, fractions=split_fractions)
+
+
+@register_dataset("folder")
+def _folder(split: str, data_path: str = "", split_file: str = "", image_size: int = 28, channels: int = 0,
+            invert: bool = False, split_seed: int = 0, split_fractions=DEFAULT_FRACTIONS,
+            cache_dir: str | None = None, **_) -> FewShotDataset:
+    """Your own images: ``data_path`` holds one sub-folder per class (see kshot.data.folders)."""
+    if not data_path:
+        raise ConfigError("--dataset folder needs --data-path: a folder with one sub-folder of images per class")
+    folder = ImageFolder(data_path, image_size=image_size, channels=channels or None, invert=bool(invert),
+                         cache_dir=cache_dir or None)
+    classes = _class_split(folder.class_names, split_file, split_seed, split_fractions).classes(split)
+    return _named_subset(folder, classes, split, split_file)
+
+
+@register_dataset("table")
+def _table(split: str, data_path: str = "", split_file: str = "", label_column: str = "",
+           feature_columns: list | None = None, split_seed: int = 0, split_fractions=DEFAULT_FRACTIONS,
+           **_) -> FewShotDataset:
+    """Your own table (CSV/Parquet): a label column and numeric features (see kshot.data.tables)."""
+    if not data_path:
+        raise ConfigError("--dataset table needs --data-path: a CSV or Parquet file with a label column")
+    table = read_table(data_path)
+    label_column = find_label_column(table, label_column or None)
+    names = sorted({str(v) for v in table.columns[label_column]}, key=natural_key)
+    classes = _class_split(names, split_file, split_seed, split_fractions)
+    labels = table.columns[label_column].astype(str)
+    # Features are scaled with statistics of the meta-training classes only.
+    features = list(feature_columns) if feature_columns else [c for c in table.names if c != label_column]
+    fmt = TableFormat.fit(table, label_column, features, rows=np.isin(labels, classes.train))
+    return _named_subset(TableDataset(table, table_format=fmt), classes.classes(split), split, split_file)
+
+
+def _named_subset(dataset: FewShotDataset, classes: list[str], split: str, split_file: str) -> FewShotDataset:
+    where = f"split file {split_file}" if split_file else "the drawn class split"
+    if not classes:
+        raise DataError(f"{where} has no {split} classes; add some to it")
+    index = {name: c for c, name in enumerate(dataset.class_names)}
+    subset = dataset.subset([index[name] for name in classes])
+    subset.description = f"the {split} classes of {where}"  # named in the task sampler's errors
+    return subset
+
+
 def load_dataset(name: str, split: str, **settings) -> FewShotDataset:
     """Split ``split`` (``train``, ``val``, ``test``, ``trainval``) of the dataset ``name``.
 
@@ -62,6 +126,10 @@ def load_dataset(name: str, split: str, **settings) -> FewShotDataset:
     return MultiSourceDataset({n: DATASETS[n](split, **settings) for n in names})
 
 
+#: Datasets whose meta-train/val/test classes come from a split file (drawn and written when missing).
+SPLIT_FILE_DATASETS = {"folder", "table"}
+
 __all__ = ["ArrayDataset", "Banking77", "ClassSubset", "Clinc150", "DATASETS", "FewShotDataset",
-           "LabelledDataset", "MultiSourceDataset", "Omniglot", "TextDataset", "TextFeaturiser",
-           "cache_dir", "data_dir", "load_dataset", "register_dataset"]
+           "ImageFolder", "LabelledDataset", "MiniImageNet", "MultiSourceDataset", "Omniglot",
+           "SPLIT_FILE_DATASETS", "TableDataset", "TextDataset", "TextFeaturiser", "cache_dir",
+           "data_dir", "load_dataset", "register_dataset"]

@@ -39,6 +39,19 @@ class FewShotDataset(ABC):
     def load(self, indices: np.ndarray) -> torch.Tensor:
         """The examples at ``indices`` as one batch (images: float32 ``[n, C, H, W]`` in [0, 1])."""
 
+    def class_groups(self) -> np.ndarray | None:
+        """Group of each class (Omniglot: its alphabet) as int64 ``[num_classes]``, or None.
+
+        Lets a sampler draw all of a task's classes from one group (within-alphabet tasks, as
+        Lake et al. 2015 and Koch et al. 2015 test), which is harder than classes drawn at random.
+        """
+        return None
+
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint must record to read new inputs the way this dataset reads its own
+        (``kshot adapt`` uses it): the image format, or a table's columns and scaling."""
+        return {"image_format": self.image_format.to_dict()} if self.image_format is not None else {}
+
     @property
     def num_classes(self) -> int:
         return len(self.class_examples())
@@ -79,8 +92,15 @@ class ClassSubset(FewShotDataset):
     def class_examples(self) -> Sequence[np.ndarray]:
         return self._examples
 
+    def class_groups(self) -> np.ndarray | None:
+        groups = self.parent.class_groups()
+        return None if groups is None else np.asarray(groups)[self.classes]
+
     def load(self, indices: np.ndarray) -> torch.Tensor:
         return self.parent.load(indices)
+
+    def checkpoint_extra(self) -> dict:
+        return self.parent.checkpoint_extra()
 
 
 class ArrayDataset(FewShotDataset):

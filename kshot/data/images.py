@@ -53,29 +53,61 @@ class ImageFormat:
     def from_dict(cls, data: dict) -> "ImageFormat":
         return cls(int(data["channels"]), int(data["size"]), bool(data.get("invert", False)))
 
-    def convert(self, image) -> torch.Tensor:
-        """A PIL image as float32 ``[C, size, size]`` in [0, 1]."""
-        from PIL import Image
+    def array(self, image) -> np.ndarray:
+        """A PIL image as uint8 ``[C, size, size]`` (the form caches keep).
 
+        Transparent pixels are laid on white (what a viewer shows), photos are turned upright by
+        their EXIF orientation, 16-bit and float images are scaled to 8 bits, and the image is
+        resized (not cropped) to a square.
+        """
+        from PIL import Image, ImageOps
+
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "F" or image.mode.startswith("I"):
+            image = Image.fromarray(_to_8bit(np.asarray(image, dtype=np.float64), image.mode), "L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(ground, rgba)
         image = image.convert("L" if self.channels == 1 else "RGB")
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
         array = np.asarray(image, dtype=np.uint8)
         if self.invert:
             array = 255 - array
-        x = torch.from_numpy(array.copy()).float().div_(255.0)
-        return x.unsqueeze(0) if self.channels == 1 else x.permute(2, 0, 1).contiguous()
+        return array[None] if self.channels == 1 else array.transpose(2, 0, 1).copy()
 
-    def read(self, path: str | os.PathLike) -> torch.Tensor:
-        """Read one image file; an unreadable or non-image file is a DataError naming it."""
+    def convert(self, image) -> torch.Tensor:
+        """A PIL image as float32 ``[C, size, size]`` in [0, 1]."""
+        return torch.from_numpy(np.ascontiguousarray(self.array(image))).float().div_(255.0)
+
+    def read_array(self, path: str | os.PathLike) -> np.ndarray:
+        """Read one image file as uint8 ``[C, size, size]``; unreadable files are a DataError."""
         from PIL import Image, UnidentifiedImageError
 
         path = Path(path)
         try:
             with Image.open(path) as image:
                 image.load()
-                return self.convert(image)
+                return self.array(image)
         except FileNotFoundError:
             raise DataError(f"image {path} not found") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read image {path}: {str(e).splitlines()[0][:120]}") from None
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+                EOFError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0].replace(f" {str(path)!r}", "")[:120]
+            raise DataError(f"cannot read image {path}: {reason}") from None
+
+    def read(self, path: str | os.PathLike) -> torch.Tensor:
+        """Read one image file as float32 ``[C, size, size]`` in [0, 1]; unreadable files are a
+        DataError naming them."""
+        return torch.from_numpy(self.read_array(path)).float().div_(255.0)
+
+
+def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """Integer images above 8 bits are taken as 16-bit; float images as [0, 1] (or [0, max])."""
+    top = float(values.max()) if values.size else 0.0
+    if mode == "F":
+        scale = 255.0 / (top if top > 1.0 else 1.0)
+    else:
+        scale = 255.0 / 65535.0 if top > 255 else 1.0
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)

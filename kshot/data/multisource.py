@@ -47,6 +47,10 @@ class MultiSourceDataset(FewShotDataset):
             values = {n: getattr(d, attr, None) for n, d in zip(self.names, self.sources)}
             if len(set(values.values())) > 1:
                 raise DataError(f"sources differ in {attr} ({values}); give them the same one")
+        forms = [d.checkpoint_extra() for d in self.sources]
+        if any(f != forms[0] for f in forms[1:]):  # e.g. tables with other columns or scaling
+            raise DataError(f"sources read their inputs differently ({dict(zip(self.names, forms))}); "
+                            f"they cannot share one model")
         self.image_format = self.sources[0].image_format
         self.text_featuriser = getattr(self.sources[0], "text_featuriser", None)
         self._shape = next(iter(shapes.values()))
@@ -90,6 +94,10 @@ class MultiSourceDataset(FewShotDataset):
     @property
     def example_shape(self) -> tuple[int, ...]:
         return self._shape
+
+    def checkpoint_extra(self) -> dict:
+        """How the sources read their inputs (one form for all, checked when built)."""
+        return self.sources[0].checkpoint_extra()
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {d.num_classes}" for n, d in zip(self.names, self.sources))

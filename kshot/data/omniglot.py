@@ -189,9 +189,17 @@ class Omniglot(FewShotDataset):
         # Example index = rotation_index * n + drawing index: one integer carries both.
         self._examples = [k * n + c * DRAWINGS + base for c in self.characters for k in range(len(rot))]
         self.class_names = [f"{name}/rot{r:03d}" if self.rotations else name for name in names for r in rot]
+        # Group = alphabet, numbered in the order of all 50 alphabets' names (a rotated
+        # character stays in its alphabet).
+        alphabet_ids = np.searchsorted(np.unique(alphabet), alphabet[self.characters])
+        self._groups = np.repeat(alphabet_ids.astype(np.int64), len(rot))
 
     def class_examples(self) -> Sequence[np.ndarray]:
         return self._examples
+
+    def class_groups(self) -> np.ndarray:
+        """Alphabet of each class (an index into the sorted names of Omniglot's 50 alphabets)."""
+        return self._groups
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
         indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))

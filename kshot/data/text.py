@@ -270,6 +270,10 @@ class TextDataset(FewShotDataset):
     def example_shape(self) -> tuple[int, ...]:
         return (self.text_featuriser.dim,)
 
+    def checkpoint_extra(self) -> dict:
+        """The featuriser's settings: new text is featurised exactly as in training."""
+        return {"text_features": self.text_featuriser.to_dict()}
+
 
 def _check_split(split: str, name: str) -> None:
     if split not in SPLITS:

@@ -7,8 +7,9 @@ from torch import nn
 from kshot.errors import ConfigError
 from kshot.learners.base import Learner, Predictor
 from kshot.learners.protonet import ProtoNet
+from kshot.learners.siamese import Siamese
 
-LEARNERS: dict[str, type[Learner]] = {cls.algo: cls for cls in (ProtoNet,)}
+LEARNERS: dict[str, type[Learner]] = {cls.algo: cls for cls in (ProtoNet, Siamese)}
 
 
 def create_learner(algo: str, model: nn.Module, **options) -> Learner:
@@ -18,4 +19,4 @@ def create_learner(algo: str, model: nn.Module, **options) -> Learner:
     return LEARNERS[algo](model, **options)
 
 
-__all__ = ["LEARNERS", "Learner", "Predictor", "ProtoNet", "create_learner"]
+__all__ = ["LEARNERS", "Learner", "Predictor", "ProtoNet", "Siamese", "create_learner"]

@@ -16,7 +16,8 @@ only to compute the same numbers faster, and tests hold them to that.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Sequence
+from pathlib import Path
+from typing import Callable, ClassVar, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,16 @@ class Predictor:
         return self.logits(x).argmax(-1)
 
 
+class TrainingReport(Protocol):
+    """What a learner's :meth:`Learner.after_training` hands back to the trainer."""
+
+    def summary(self) -> dict:
+        """JSON-able figures, recorded in the run's ``results.json``."""
+
+    def write(self, run_dir: Path) -> None:
+        """Write the report's files (tables, plots) into the run directory."""
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
@@ -72,11 +83,16 @@ class Learner(nn.Module, ABC):
         return {}
 
     @classmethod
-    def from_config(cls, config, example_shape: Sequence[int]) -> "Learner":
-        """Build the backbone named by ``config`` for examples of ``example_shape``, and wrap it."""
+    def build_model(cls, config, example_shape: Sequence[int]) -> nn.Module:
+        """The backbone named by ``config``, for examples of ``example_shape``."""
         kwargs = {**input_kwargs(config.backbone, example_shape), **cls.backbone_overrides(config),
                   **config.backbone_options}
-        model = create_model(config.backbone, **kwargs)
+        return create_model(config.backbone, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, example_shape: Sequence[int]) -> "Learner":
+        """Build the backbone named by ``config`` for examples of ``example_shape``, and wrap it."""
+        model = cls.build_model(config, example_shape)
         return cls(model, **{name: getattr(config, name) for name in cls.config_options})
 
     def __init__(self, model: nn.Module):
@@ -99,6 +115,12 @@ class Learner(nn.Module, ABC):
         from kshot.metadataset import sampler_from_config
 
         return sampler_from_config(config, dataset)
+
+    def after_training(self, val_dataset) -> TrainingReport | None:
+        """Called once when training ends, with the best weights loaded and the meta-validation
+        classes (a FewShotDataset); may set buffers (e.g. a calibrated decision threshold),
+        which the trainer then saves into the best checkpoint. Nothing to do by default."""
+        return None
 
     def options(self) -> dict:
         """The learner's own settings (everything but the model), as saved in checkpoints."""

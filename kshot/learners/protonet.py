@@ -26,7 +26,7 @@ def prototypes(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> t
     one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # [n, ways]
     counts = one_hot.sum(0)
     if bool((counts == 0).any()):
-        missing = torch.flatnonzero(counts == 0).tolist()
+        missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ConfigError(f"classes {missing} have no support examples; every class needs at least one")
     return (one_hot.T @ support_z) / counts[:, None]
 

@@ -1,0 +1,287 @@
+"""Adapt a trained learner to a user's own classes, and predict: what ``kshot adapt`` does.
+
+The checkpoint says how its training data was read (``extra["image_format"]`` for images,
+``extra["table_format"]`` for tables), so a user's files are read the same way: images of any
+format and size are converted to the model's channels and side, table columns are matched by
+name and scaled with the training statistics. Then, for any learner::
+
+    learner = kshot.load_learner("runs/quick")
+    reader = InputReader.from_checkpoint("runs/quick")
+    support = reader.read_support("my_support/")            # one sub-folder per class
+    model = AdaptedModel(learner, support.x, support.labels)  # learner.adapt(...) inside
+    model.predict(reader.read_query("my_queries/").x)         # -> class names
+
+:func:`adapt_and_predict` does all of it and returns :class:`Predictions` (written as CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kshot.checkpoint import Checkpoint, build_learner, load_checkpoint
+from kshot.data.archives import atomic_write_text
+from kshot.data.folders import read_labelled_images, read_query_images
+from kshot.data.images import ImageFormat
+from kshot.data.splits import natural_key
+from kshot.data.tables import TableFormat, read_table
+from kshot.errors import CheckpointError, DataError
+from kshot.learners.base import Learner
+
+
+@dataclass
+class Inputs:
+    """Examples read for adaptation or prediction. Shapes: ``x [n, ...]``.
+
+    ``names`` identifies each example (a file path relative to the folder, or a table row
+    number); ``labels`` holds class names, or None when the examples are unlabelled.
+    """
+
+    x: torch.Tensor
+    names: list[str]
+    labels: list[str] | None
+    skipped: list[tuple[str, str]]
+    kind: str  # "file" or "row"
+
+
+class InputReader:
+    """Reads a user's files the way a checkpoint's training data was read.
+
+    Args:
+        image_format: read folders of images in this format, or
+        table_format: read CSV/Parquet tables with these columns and scaling.
+    """
+
+    def __init__(self, image_format: ImageFormat | None = None, table_format: TableFormat | None = None):
+        if (image_format is None) == (table_format is None):
+            raise ValueError("give exactly one of image_format and table_format")
+        self.image_format, self.table_format = image_format, table_format
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint | str | os.PathLike) -> "InputReader":
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        extra = ckpt.extra or {}
+        try:
+            if "image_format" in extra:
+                return cls(image_format=ImageFormat.from_dict(extra["image_format"]))
+            if "table_format" in extra:
+                return cls(table_format=TableFormat.from_dict(extra["table_format"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint's record of its input format is malformed ({e})") from None
+        dataset = (ckpt.config or {}).get("dataset", "unknown data")
+        raise CheckpointError(f"the checkpoint (trained on {dataset}) records neither an image format "
+                              f"nor table columns, so kshot cannot tell how to read new inputs for it; "
+                              f"retrain it with this version of kshot")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.image_format is not None:
+            return self.image_format.shape
+        return (len(self.table_format.features),)  # type: ignore[union-attr]
+
+    def describe(self) -> str:
+        if self.image_format is not None:
+            f = self.image_format
+            return (f"{'grey' if f.channels == 1 else 'colour'} {f.size}x{f.size} images"
+                    f"{', inverted' if f.invert else ''}")
+        return f"table rows of {len(self.table_format.features)} features"  # type: ignore[union-attr]
+
+    def _check_kind(self, path: Path, what: str) -> None:
+        if self.image_format is not None and path.is_file():
+            raise DataError(f"--{what} {path} is a file, but this checkpoint reads images: give a folder "
+                            f"({'one sub-folder per class' if what == 'support' else 'of images'})")
+        if self.table_format is not None and path.is_dir():
+            raise DataError(f"--{what} {path} is a folder, but this checkpoint was trained on a table: "
+                            f"give a CSV or Parquet file with the columns it was trained on")
+
+    def read_support(self, path: str | os.PathLike, shots: int | None = None) -> Inputs:
+        """Labelled examples: a folder of class sub-folders, or a table with the label column.
+
+        Args:
+            shots: keep the first ``shots`` examples of each class (a class with fewer is an error).
+        """
+        path = Path(path).expanduser()
+        self._check_kind(path, "support")
+        if self.image_format is not None:
+            images = read_labelled_images(path, self.image_format)
+            inputs = Inputs(images.x, images.files, images.labels, images.skipped, "file")
+        else:
+            inputs = self._read_table(path, "support")
+            if inputs.labels is None:
+                raise DataError(f"support table {path} has no label column "
+                                f"{self.table_format.label_column!r}")  # type: ignore[union-attr]
+        return take_shots(inputs, shots, path) if shots else inputs
+
+    def read_query(self, path: str | os.PathLike) -> Inputs:
+        """Examples to classify: loose images or class sub-folders, or a table (label column optional)."""
+        path = Path(path).expanduser()
+        self._check_kind(path, "query")
+        if self.image_format is not None:
+            images = read_query_images(path, self.image_format)
+            return Inputs(images.x, images.files, images.labels, images.skipped, "file")
+        return self._read_table(path, "query")
+
+    def _read_table(self, path: Path, what: str) -> Inputs:
+        if not path.exists():
+            raise DataError(f"{what} table {path} not found")
+        table = read_table(path)
+        fmt = self.table_format
+        assert fmt is not None
+        return Inputs(fmt.features_of(table), [str(i + 1) for i in range(len(table))],
+                      fmt.labels_of(table), [], "row")
+
+
+def take_shots(inputs: Inputs, shots: int, where: Path) -> Inputs:
+    """The first ``shots`` examples of each class, in name order."""
+    assert inputs.labels is not None
+    counts: dict[str, int] = {}
+    for label in inputs.labels:
+        counts[label] = counts.get(label, 0) + 1
+    short = sorted((n for n, c in counts.items() if c < shots), key=natural_key)
+    if short:
+        raise DataError(f"--shots {shots}: class {short[0]!r} in {where} has only {counts[short[0]]} "
+                        f"readable examples{f' (and {len(short) - 1} more classes are short)' if len(short) > 1 else ''}; "
+                        f"add examples or lower --shots")
+    seen: dict[str, int] = {}
+    keep = []
+    for i, label in enumerate(inputs.labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= shots:
+            keep.append(i)
+    return Inputs(inputs.x[keep], [inputs.names[i] for i in keep], [inputs.labels[i] for i in keep],
+                  inputs.skipped, inputs.kind)
+
+
+class AdaptedModel:
+    """A learner adapted to a support set of named classes.
+
+    Args:
+        learner: any trained :class:`~kshot.learners.Learner`.
+        support_x: support examples ``[n, ...]``.
+        support_labels: the class name of each support example; classes are numbered in
+            natural order of their names.
+        device: where to compute.
+        batch_size: query examples per forward pass.
+    """
+
+    def __init__(self, learner: Learner, support_x: torch.Tensor, support_labels: Sequence[str],
+                 device: str | torch.device = "cpu", batch_size: int = 256):
+        if len(support_x) != len(support_labels):
+            raise DataError(f"{len(support_x)} support examples but {len(support_labels)} labels")
+        if len(support_x) == 0:
+            raise DataError("the support set is empty")
+        self.class_names = sorted(set(support_labels), key=natural_key)
+        index = {name: c for c, name in enumerate(self.class_names)}
+        self.input_shape = tuple(support_x.shape[1:])
+        self.device, self.batch_size = torch.device(device), int(batch_size)
+        self.learner = learner.to(self.device).eval()
+        support_y = torch.tensor([index[n] for n in support_labels], dtype=torch.int64)
+        self.support_counts = {n: int((support_y == c).sum()) for c, n in enumerate(self.class_names)}
+        with torch.no_grad():  # learners that adapt by gradient steps turn gradients on themselves
+            self.predictor = self.learner.adapt(support_x.to(self.device), support_y.to(self.device),
+                                                len(self.class_names))
+
+    @property
+    def ways(self) -> int:
+        return len(self.class_names)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise DataError(f"query examples have shape {tuple(x.shape[1:])} but the model was "
+                            f"adapted to examples of shape {self.input_shape}; read them with the "
+                            f"same InputReader (it converts images to the model's format)")
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``[n, ways]`` over :attr:`class_names`."""
+        self._check(x)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(x), self.batch_size):
+                batch = x[start:start + self.batch_size].to(self.device)
+                out.append(self.predictor.predict_proba(batch).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.ways)
+
+    def predict(self, x: torch.Tensor) -> list[str]:
+        """The predicted class name of each example."""
+        return [self.class_names[i] for i in self.predict_proba(x).argmax(-1).tolist()]
+
+
+@dataclass
+class Predictions:
+    """One row per query example: its name, predicted class, and each class's probability."""
+
+    names: list[str]
+    class_names: list[str]
+    probabilities: np.ndarray  # [n, ways]
+    true_labels: list[str] | None
+    kind: str = "file"
+
+    @property
+    def predicted(self) -> list[str]:
+        return [self.class_names[i] for i in self.probabilities.argmax(-1)]
+
+    @property
+    def correct(self) -> int | None:
+        if self.true_labels is None:
+            return None
+        return sum(p == t for p, t in zip(self.predicted, self.true_labels))
+
+    @property
+    def accuracy(self) -> float | None:
+        correct = self.correct
+        return None if correct is None else correct / max(len(self.names), 1)
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        header = [self.kind, "predicted"] + (["true"] if self.true_labels is not None else [])
+        writer.writerow(header + [f"p({name})" for name in self.class_names])
+        for i, name in enumerate(self.names):
+            row = [name, self.class_names[int(self.probabilities[i].argmax())]]
+            if self.true_labels is not None:
+                row.append(self.true_labels[i])
+            writer.writerow(row + [f"{p:.6f}" for p in self.probabilities[i]])
+        return out.getvalue()
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """Write the CSV atomically: the file appears whole or not at all."""
+        path = Path(path)
+        if path.is_dir():
+            raise DataError(f"--out {path} is a folder; give a file name such as {path / 'predictions.csv'}")
+        try:
+            atomic_write_text(path, self.to_csv())
+        except OSError as e:
+            raise DataError(f"cannot write the predictions to {path} ({e.strerror or e})") from None
+        return path
+
+
+def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike, query: str | os.PathLike,
+                      shots: int | None = None, device: str | torch.device = "cpu",
+                      batch_size: int = 256) -> tuple[AdaptedModel, Inputs, Predictions]:
+    """Adapt the checkpoint's learner to ``support`` and classify ``query``.
+
+    Returns:
+        (the adapted model, the support inputs, the predictions for the query examples)
+    """
+    ckpt = load_checkpoint(checkpoint)
+    reader = InputReader.from_checkpoint(ckpt)
+    learner = build_learner(ckpt)
+    support_in = reader.read_support(support, shots)
+    query_in = reader.read_query(query)
+    model = AdaptedModel(learner, support_in.x, support_in.labels or [], device, batch_size)
+    if query_in.labels is not None:
+        unknown = sorted(set(query_in.labels) - set(model.class_names), key=natural_key)
+        if unknown:
+            raise DataError(f"query class {unknown[0]!r} is not one of the support classes "
+                            f"({', '.join(model.class_names[:6])}{', ...' if model.ways > 6 else ''}); "
+                            f"name the query sub-folders after support classes")
+    probabilities = model.predict_proba(query_in.x).numpy()
+    return model, support_in, Predictions(query_in.names, model.class_names, probabilities,
+                                          query_in.labels, query_in.kind)

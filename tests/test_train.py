@@ -1,0 +1,103 @@
+"""The outer loop on real Omniglot: it learns, it resumes exactly after SIGKILL, it refuses to mix runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kshot.checkpoint import load_checkpoint
+from kshot.config import resolve_config
+from kshot.errors import ConfigError
+from kshot.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_short_training_run_is_far_above_chance(trained_run):
+    run_dir, result = trained_run
+    assert result.step == 300
+    assert result.test["tasks"] == 600 and result.test["ways"] == 5
+    assert result.test["acc"] > 0.6  # chance is 0.2
+    assert 0 < result.test["acc_ci95"] < 0.05
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert train_losses[-1] < train_losses[0]
+    assert [r["step"] for r in records if r["split"] == "val"] == [150, 300]
+    for name in ("best.safetensors", "last.safetensors", "config.json", "curves.png", "results.json"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "results.json").read_text())["test"]["acc"] == result.test["acc"]
+
+
+def _kshot(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kshot", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+RESUME_ARGS = ["train", "--preset", "quick", "--steps", "120", "--queries", "5", "--checkpoint-every", "10",
+               "--val-every", "40", "--val-tasks", "10", "--test-tasks", "0", "--log-every", "10",
+               "--threads", "1", "--seed", "5", "--quiet"]
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    interrupted, clean = tmp_path / "interrupted", tmp_path / "clean"
+    proc = _kshot(*RESUME_ARGS, "--run-dir", str(interrupted))
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        last = interrupted / "last.safetensors"
+        if last.is_file():
+            step = load_checkpoint(last).train_state["step"]
+            if step >= 30:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed_at = step
+                break
+        time.sleep(0.02)
+    assert killed_at is not None and killed_at < 120, "the run was not interrupted part way"
+
+    resumed = _kshot(*RESUME_ARGS, "--run-dir", str(interrupted))
+    uninterrupted = _kshot(*RESUME_ARGS, "--run-dir", str(clean))
+    for p in (resumed, uninterrupted):
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    a = load_checkpoint(interrupted / "last.safetensors")
+    b = load_checkpoint(clean / "last.safetensors")
+    assert a.train_state["step"] == b.train_state["step"] == 120
+    for key in b.state_dict:
+        assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+    assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
+
+    def train_losses(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+    assert train_losses(interrupted) == train_losses(clean)  # no duplicated or missing records
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, cache_dir):
+    config = resolve_config("quick", overrides=dict(steps=4, val_every=0, test_tasks=0, checkpoint_every=2,
+                                                    cache_dir=str(cache_dir)))
+    train(config, tmp_path, progress=False)
+    other = resolve_config("quick", overrides=dict(steps=8, lr=0.01, val_every=0, test_tasks=0,
+                                                   cache_dir=str(cache_dir)))
+    with pytest.raises(ConfigError, match="other settings .*lr"):
+        train(other, tmp_path, progress=False)
+    longer = resolve_config("quick", overrides=dict(steps=6, val_every=0, test_tasks=0, checkpoint_every=2,
+                                                    cache_dir=str(cache_dir)))
+    assert train(longer, tmp_path, progress=False).step == 6  # more steps is a continuation
+
+
+def test_data_waiting_is_measured_and_logged(trained_run):
+    run_dir, _ = trained_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert all(0.0 <= r["data_wait"] < 1.0 and r["tasks_per_s"] > 0 for r in train_records)
