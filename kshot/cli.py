@@ -112,27 +112,49 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tasks {args.tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
     ckpt = load_checkpoint(args.checkpoint)
     config = config_from_dict(ckpt.config)
+    if args.dataset is not None and args.dataset != config.dataset and args.protocol is None:
+        config.protocol = ""  # the trained dataset's protocol means nothing to another dataset
     for name in ("dataset", "protocol", "data_dir", "cache_dir", "image_size"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     ways = args.ways or config.eval_ways
     shots = args.shots or config.eval_shots
     learner = build_learner(ckpt).to(resolve_device(args.device))
-    dataset = load_dataset(config.dataset, args.split, **dataset_settings(config))
+    settings = dataset_settings(config)
+    if "text_features" in ckpt.extra:  # featurise text exactly as in training
+        settings["features"] = ckpt.extra["text_features"]
+    dataset = load_dataset(config.dataset, args.split, **settings)
+    expected = ckpt.extra.get("example_shape")
+    if expected is not None and tuple(dataset.example_shape) != tuple(expected):
+        raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
+                          f"{config.dataset} gives {tuple(dataset.example_shape)}; evaluate on data "
+                          f"of the kind it was trained on")
+    seed = EVAL_SEED if args.seed is None else args.seed
     within = config.test_within_groups if args.within_groups is None else args.within_groups
-    tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks,
-                        seed=EVAL_SEED if args.seed is None else args.seed, within_groups=within)
+    if args.episodes == "variable":
+        from kshot.metadataset import fixed_episodes
+
+        if within:
+            raise ConfigError("--episodes variable draws classes from the whole split; "
+                              "use --no-within-groups")
+        tasks = fixed_episodes(dataset, args.tasks, seed=seed)
+        shape = "variable-way variable-shot (Meta-Dataset episodes)"
+    else:
+        tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks, seed=seed, within_groups=within)
+        shape = (f"{ways}-way {shots}-shot, {args.queries} queries per class"
+                 + (", classes of each task from one group" if within else ""))
     result = evaluate(learner, tasks, device=args.device, progress=not args.quiet)
-    print(f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol}) {args.split}: "
-          f"{ways}-way {shots}-shot, {args.queries} queries per class"
-          + (", classes of each task from one group" if within else ""))
+    print(f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
+          f"{args.split}: {shape}")
     print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
     if args.out:
         from kshot.data.archives import atomic_write_text
 
-        record = {"checkpoint": str(args.checkpoint), "split": args.split, "ways": ways, "shots": shots,
-                  "queries": args.queries, "dataset": config.dataset, "protocol": config.protocol,
-                  "within_groups": within,
+        variable = args.episodes == "variable"
+        record = {"checkpoint": str(args.checkpoint), "split": args.split, "episodes": args.episodes,
+                  "ways": None if variable else ways, "shots": None if variable else shots,
+                  "queries": None if variable else args.queries, "dataset": config.dataset,
+                  "protocol": config.protocol, "within_groups": within,
                   **result.summary()}
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     return 0
@@ -150,7 +172,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--within-groups", action=argparse.BooleanOptionalAction, default=None,
                    help="draw each task's classes from one group, e.g. one Omniglot alphabet "
                         "(default: as the run was validated)")
-    p.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
+    p.add_argument("--episodes", default="fixed", choices=("fixed", "variable"),
+                   help="fixed: --ways x --shots tasks; variable: Meta-Dataset episodes")
+    p.add_argument("--dataset", help="evaluate on another dataset than the one trained on "
+                   "(cross-domain evaluation; a+b for tasks from each of several)")
     p.add_argument("--protocol", help="dataset split protocol")
     p.add_argument("--image-size", type=int, dest="image_size")
     p.add_argument("--data-dir", dest="data_dir")

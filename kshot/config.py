@@ -33,7 +33,7 @@ class TrainConfig:
     # -- what is learned, from what
     algo: str = "protonet"  # meta-learning algorithm
     dataset: str = "omniglot"  # dataset name
-    protocol: str = "vinyals"  # dataset split protocol (omniglot: vinyals | lake)
+    protocol: str = ""  # dataset split protocol ("": the dataset's default; omniglot: vinyals | lake)
     image_size: int = 28  # side of the square input images
     data_path: str = ""  # your own data: a folder of class sub-folders (--dataset folder) or a CSV/Parquet table (--dataset table)
     split_file: str = ""  # your own data's meta-train/val/test classes, JSON or CSV; drawn and written there when missing (default: <run-dir>/classes.json)
@@ -49,6 +49,8 @@ class TrainConfig:
     test_queries: int = 15  # query examples per class at validation/test
     test_within_groups: bool = False  # validation/test tasks take all classes from one group (omniglot: one alphabet)
     meta_batch_size: int = 1  # tasks per outer step
+    episodes: str = "fixed"  # training tasks: fixed (ways x shots) | variable (Meta-Dataset: 5-50 ways, varying shots)
+    source_weights: str = "uniform"  # multi-source datasets (a+b): each task's source uniform | classes (by class count)
     # -- outer loop
     steps: int = 10_000  # outer steps (meta-batches) to train for
     optimizer: str = "adam"  # outer optimiser: adam | adamw | sgd
@@ -109,6 +111,10 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose adam, adamw or sgd")
         if self.lr_schedule not in ("constant", "step", "cosine"):
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose constant, step or cosine")
+        if self.episodes not in ("fixed", "variable"):
+            raise ConfigError(f"unknown episodes {self.episodes!r}; choose fixed or variable")
+        if self.source_weights not in ("uniform", "classes"):
+            raise ConfigError(f"unknown source_weights {self.source_weights!r}; choose uniform or classes")
         if 0 < self.test_tasks < MIN_TEST_TASKS:
             raise ConfigError(f"test_tasks={self.test_tasks}: a reported accuracy needs at least "
                               f"{MIN_TEST_TASKS} test tasks (or 0 to skip the final test)")
@@ -146,6 +152,30 @@ PRESETS["quick"] = ("A one-minute smoke run: Omniglot 5-way 1-shot ProtoNet, 300
                     dict(algo="protonet", dataset="omniglot", ways=5, shots=1, queries=5, steps=300,
                          val_every=100, val_tasks=100, checkpoint_every=100, test_tasks=600,
                          lr_schedule="constant"))
+
+
+def _protonet_text(dataset: str, shots: int, episodes: str = "fixed") -> dict[str, Any]:
+    # kshot's own setting, no published figure (docs/CROSS_DOMAIN.md): cosine prototypes over
+    # hashed n-gram features re-weighted by learned term weights; 5-way training tasks (or
+    # Meta-Dataset episodes), tested 5-way with the preset's shots. Validation accuracy peaks
+    # within the first ~100 steps and then slowly declines, hence frequent validation.
+    return dict(algo="protonet", dataset=dataset, backbone="feature_weights", distance="cosine",
+                temperature=10.0, ways=5, shots=shots, queries=15, test_ways=5, test_shots=shots,
+                test_queries=15, episodes=episodes, meta_batch_size=1, optimizer="adam", lr=1e-2,
+                lr_schedule="constant", steps=500, val_every=50, val_tasks=300,
+                checkpoint_every=50, test_tasks=1000)
+
+
+for _data in ("clinc150", "banking77"):
+    for _shots in (1, 5):
+        PRESETS[f"protonet-{_data}-5way-{_shots}shot"] = (
+            f"Prototypical Networks on {_data} intents, 5-way {_shots}-shot, learned term weights over "
+            f"hashed n-grams (kshot's own setting; docs/CROSS_DOMAIN.md)",
+            _protonet_text(_data, _shots))
+PRESETS["protonet-text-metadataset"] = (
+    "Prototypical Networks on clinc150+banking77 with Meta-Dataset episodes (variable ways and "
+    "shots, Triantafillou et al. 2020), tested 5-way 5-shot (kshot's own setting)",
+    _protonet_text("clinc150+banking77", 5, episodes="variable"))
 
 
 def register_preset(name: str, description: str, overrides: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ literature, registered by name so that configs and checkpoints can refer to them
 * ``mlp``: fully connected ReLU network (MAML's sinusoid regressor is ``mlp`` with 40-40).
 * ``resnet12``: 4 residual blocks of 3 convolutions, widths 64-160-320-640 (Lee et al. 2019)
   or 64-128-256-512 (Oreshkin et al. 2018), for 84x84 colour images.
+* ``sparse_mlp``: ``mlp`` with a first layer that reads only nonzero inputs (hashed text features).
+* ``feature_weights``: a learned positive weight per input feature (text: learned term weighting).
 
 :func:`create_model` builds one from its name and keyword arguments; :func:`model_spec` is what
 a checkpoint stores to build it again.
@@ -267,3 +269,67 @@ def resnet12(in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640)
              dropout: float = 0.0, track_running_stats: bool = True, out_features: int = 0,
              image_size: int = 84) -> nn.Module:
     return ResNet12(in_channels, channels, pool, dropout, track_running_stats, out_features, image_size)
+
+
+class SparseInputMLP(nn.Module):
+    """``mlp`` for sparse inputs (hashed text features): the first layer reads only the nonzero
+    entries, through an ``nn.EmbeddingBag`` weighted by their values.
+
+    It computes the same function as ``mlp`` (``weight`` is the first ``nn.Linear`` 's weight,
+    transposed), at a cost proportional to the nonzeros instead of ``in_features``: tens of
+    times faster on 4,096-d text vectors with ~200 nonzeros. Inputs are dense ``[n, ...]``.
+    Not for ``torch.func.vmap`` (the number of nonzeros is data-dependent).
+    """
+
+    def __init__(self, in_features: int = 1, hidden: Sequence[int] = (256,), out_features: int | None = None):
+        super().__init__()
+        hidden = [int(h) for h in hidden]
+        if not hidden:
+            raise ConfigError("sparse_mlp needs at least one hidden layer")
+        self.first = nn.EmbeddingBag(in_features, hidden[0], mode="sum")
+        self.bias = nn.Parameter(torch.empty(hidden[0]))
+        bound = 1.0 / in_features ** 0.5  # nn.Linear's default initialisation
+        nn.init.uniform_(self.first.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+        layers: list[nn.Module] = [nn.ReLU()]
+        width = hidden[0]
+        for h in hidden[1:]:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        if out_features:
+            layers.append(nn.Linear(width, out_features))
+        self.rest = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        rows, cols = x.nonzero(as_tuple=True)  # row-major, so each row's entries are contiguous
+        counts = torch.bincount(rows, minlength=len(x))
+        offsets = torch.cumsum(counts, 0) - counts
+        h = self.first(cols, offsets, per_sample_weights=x[rows, cols]) + self.bias
+        return self.rest(h)
+
+
+@register_model(input_kwargs=_flat_input)
+def sparse_mlp(in_features: int = 1, hidden: Sequence[int] = (256,),
+               out_features: int | None = None) -> nn.Module:
+    return SparseInputMLP(in_features, hidden, out_features)
+
+
+class FeatureWeights(nn.Module):
+    """One learned, positive weight per input feature (initially 1): the embedding is the
+    input re-weighted. On hashed text features this meta-learns which n-grams matter for telling
+    intents apart, a class-agnostic term weighting (an IDF learned across tasks) that carries
+    over to unseen classes far better than a learned projection does (docs/CROSS_DOMAIN.md).
+    """
+
+    def __init__(self, in_features: int = 1):
+        super().__init__()
+        self.log_weight = nn.Parameter(torch.zeros(in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) * self.log_weight.exp()
+
+
+@register_model(input_kwargs=_flat_input)
+def feature_weights(in_features: int = 1) -> nn.Module:
+    return FeatureWeights(in_features)

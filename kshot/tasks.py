@@ -230,7 +230,18 @@ def identity_collate(item):
 
 def fixed_tasks(dataset: FewShotDataset, ways: int, shots: int, queries: int,
                 n_tasks: int = 1000, seed: int = EVAL_SEED, within_groups: bool = False) -> "FixedTasks":
-    """A fixed, seeded set of evaluation tasks: the same tasks on every machine, every time."""
+    """A fixed, seeded set of evaluation tasks: the same tasks on every machine, every time.
+
+    From a multi-source dataset (``a+b``), each task's classes come from one source."""
+    from kshot.data.multisource import MultiSourceDataset
+
+    if isinstance(dataset, MultiSourceDataset):
+        if within_groups:
+            raise DataError("within-group tasks are not available from a multi-source dataset; "
+                            "evaluate on each source separately")
+        from kshot.metadataset import task_sampler
+
+        return FixedTasks(task_sampler(dataset, "fixed", ways, shots, queries, seed=seed), n_tasks)
     return FixedTasks(TaskSampler(dataset, ways, shots, queries, seed=seed,
                                   within_groups=within_groups), n_tasks)
 

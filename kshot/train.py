@@ -96,12 +96,16 @@ def dataset_settings(config: TrainConfig) -> dict:
 
 
 def _checkpoint_extra(dataset) -> dict | None:
-    """How the training data read its inputs (image format, table columns), for ``kshot adapt``."""
+    """How the training data read its inputs (image format, table columns, text featuriser), for
+    ``kshot adapt``, and the shape of one example, so that ``kshot eval`` can refuse other data."""
     extra = getattr(dataset, "checkpoint_extra", None)
     if callable(extra):
-        return extra() or None
-    fmt = getattr(dataset, "image_format", None)
-    return {"image_format": fmt.to_dict()} if fmt is not None else None
+        record = dict(extra() or {})
+    else:
+        fmt = getattr(dataset, "image_format", None)
+        record = {"image_format": fmt.to_dict()} if fmt is not None else {}
+    record["example_shape"] = list(dataset.example_shape)
+    return record
 
 
 class Prefetcher:
@@ -321,7 +325,8 @@ class Trainer:
         window: dict[str, float] = {}
         n_window, busy, waited = 0, 0.0, 0.0
         t_begin = time.perf_counter()
-        bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {c.ways}-way {c.shots}-shot",
+        shape = "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot"
+        bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {shape}",
                    disable=not self.progress, dynamic_ncols=True)
         self.learner.train()
         batches = self._batches(start, stop)

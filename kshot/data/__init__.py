@@ -16,9 +16,11 @@ from kshot.data.archives import cache_dir, data_dir
 from kshot.data.base import ArrayDataset, ClassSubset, FewShotDataset, LabelledDataset
 from kshot.data.folders import ImageFolder
 from kshot.data.miniimagenet import MiniImageNet
+from kshot.data.multisource import SOURCE_SEPARATOR, MultiSourceDataset
 from kshot.data.omniglot import Omniglot
 from kshot.data.splits import DEFAULT_FRACTIONS, ClassSplit, natural_key, resolve_split
 from kshot.data.tables import TableDataset, TableFormat, find_label_column, read_table
+from kshot.data.text import Banking77, Clinc150, TextDataset, TextFeaturiser
 from kshot.errors import ConfigError, DataError, DataWarning
 
 #: name -> loader(split, **settings) -> FewShotDataset
@@ -35,8 +37,20 @@ def register_dataset(name: str):
 @register_dataset("omniglot")
 def _omniglot(split: str, protocol: str = "vinyals", image_size: int = 28, data_dir: str | None = None,
               cache_dir: str | None = None, **_) -> FewShotDataset:
-    return Omniglot(split, protocol=protocol, image_size=image_size, data_dir=data_dir or None,
-                    cache_dir=cache_dir or None)
+    return Omniglot(split, protocol=protocol or "vinyals", image_size=image_size,
+                    data_dir=data_dir or None, cache_dir=cache_dir or None)
+
+
+@register_dataset("clinc150")
+def _clinc150(split: str, protocol: str = "", data_dir: str | None = None,
+              features: dict | None = None, **_) -> FewShotDataset:
+    return Clinc150(split, protocol=protocol or "domains", features=features, data_dir=data_dir or None)
+
+
+@register_dataset("banking77")
+def _banking77(split: str, protocol: str = "", data_dir: str | None = None,
+               features: dict | None = None, **_) -> FewShotDataset:
+    return Banking77(split, protocol=protocol or "intents", features=features, data_dir=data_dir or None)
 
 
 @register_dataset("miniimagenet")
@@ -97,15 +111,25 @@ def _named_subset(dataset: FewShotDataset, classes: list[str], split: str, split
 
 
 def load_dataset(name: str, split: str, **settings) -> FewShotDataset:
-    """Split ``split`` (``train``, ``val``, ``test``, ``trainval``) of the dataset ``name``."""
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](split, **settings)
+    """Split ``split`` (``train``, ``val``, ``test``, ``trainval``) of the dataset ``name``.
+
+    ``a+b`` names a :class:`MultiSourceDataset` of the same split of ``a`` and ``b`` (each with
+    its own class split; the settings go to every source)."""
+    names = name.split(SOURCE_SEPARATOR)
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown or len(set(names)) != len(names):
+        what = f"unknown dataset {unknown[0]!r}" if unknown else f"dataset {name!r} repeats a source"
+        raise ConfigError(f"{what}; choose one of {', '.join(sorted(DATASETS))}, or several "
+                          f"joined by {SOURCE_SEPARATOR!r} (e.g. clinc150+banking77)")
+    if len(names) == 1:
+        return DATASETS[name](split, **settings)
+    return MultiSourceDataset({n: DATASETS[n](split, **settings) for n in names})
 
 
 #: Datasets whose meta-train/val/test classes come from a split file (drawn and written when missing).
 SPLIT_FILE_DATASETS = {"folder", "table"}
 
-__all__ = ["ArrayDataset", "ClassSubset", "DATASETS", "FewShotDataset", "ImageFolder", "LabelledDataset",
-           "MiniImageNet", "Omniglot", "SPLIT_FILE_DATASETS", "TableDataset", "cache_dir", "data_dir",
-           "load_dataset", "register_dataset"]
+__all__ = ["ArrayDataset", "Banking77", "ClassSubset", "Clinc150", "DATASETS", "FewShotDataset",
+           "ImageFolder", "LabelledDataset", "MiniImageNet", "MultiSourceDataset", "Omniglot",
+           "SPLIT_FILE_DATASETS", "TableDataset", "TextDataset", "TextFeaturiser", "cache_dir",
+           "data_dir", "load_dataset", "register_dataset"]

@@ -110,9 +110,11 @@ class Learner(nn.Module, ABC):
 
     @classmethod
     def make_sampler(cls, config, dataset) -> TaskSampler:
-        """The source of training tasks for this algorithm: N-way K-shot tasks by default."""
-        return TaskSampler(dataset, config.ways, config.shots, config.queries, seed=config.seed,
-                           meta_batch_size=config.meta_batch_size)
+        """The source of training tasks for this algorithm: N-way K-shot tasks by default, or
+        Meta-Dataset episodes (``config.episodes == "variable"``); one source per task."""
+        from kshot.metadataset import sampler_from_config
+
+        return sampler_from_config(config, dataset)
 
     def after_training(self, val_dataset) -> TrainingReport | None:
         """Called once when training ends, with the best weights loaded and the meta-validation
