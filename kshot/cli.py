@@ -77,13 +77,19 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}")
     if result.best_val:
         bv = result.best_val
-        print(f"best meta-validation: {100 * bv['acc']:.2f} ± {100 * bv['acc_ci95']:.2f} % "
-              f"at step {bv['step']} ({config.eval_ways}-way {config.eval_shots}-shot)")
+        print(f"best meta-validation: {_score(bv)} at step {bv['step']} "
+              f"({config.eval_ways}-way {config.eval_shots}-shot)")
     if result.test:
         t = result.test
-        print(f"meta-test ({t['tasks']} tasks, {t['ways']}-way {t['shots']}-shot): "
-              f"{100 * t['acc']:.2f} ± {100 * t['acc_ci95']:.2f} %")
+        print(f"meta-test ({t['tasks']} tasks, {t['ways']}-way {t['shots']}-shot): {_score(t)}")
     return 0
+
+
+def _score(result: dict) -> str:
+    """Accuracy ± CI, or the loss (MSE) ± CI for regression, where accuracy is NaN."""
+    if result["acc"] != result["acc"]:
+        return f"MSE {result['loss']:.4f} ± {result.get('loss_ci95', float('nan')):.4f}"
+    return f"{100 * result['acc']:.2f} ± {100 * result['acc_ci95']:.2f} %"
 
 
 @run_train.arguments
@@ -103,6 +109,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from kshot.checkpoint import build_learner, load_checkpoint
     from kshot.config import config_from_dict
     from kshot.data import load_dataset
+    from kshot.data.synthetic import family_tasks, task_family
     from kshot.errors import ConfigError
     from kshot.evaluate import evaluate
     from kshot.tasks import EVAL_SEED, fixed_tasks
@@ -120,33 +127,40 @@ def run_eval(args: argparse.Namespace) -> int:
     ways = args.ways or config.eval_ways
     shots = args.shots or config.eval_shots
     learner = build_learner(ckpt).to(resolve_device(args.device))
-    settings = dataset_settings(config)
-    if "text_features" in ckpt.extra:  # featurise text exactly as in training
-        settings["features"] = ckpt.extra["text_features"]
-    dataset = load_dataset(config.dataset, args.split, **settings)
-    expected = ckpt.extra.get("example_shape")
-    if expected is not None and tuple(dataset.example_shape) != tuple(expected):
-        raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
-                          f"{config.dataset} gives {tuple(dataset.example_shape)}; evaluate on data "
-                          f"of the kind it was trained on")
     seed = EVAL_SEED if args.seed is None else args.seed
     within = config.test_within_groups if args.within_groups is None else args.within_groups
-    if args.episodes == "variable":
-        from kshot.metadataset import fixed_episodes
-
-        if within:
-            raise ConfigError("--episodes variable draws classes from the whole split; "
-                              "use --no-within-groups")
-        tasks = fixed_episodes(dataset, args.tasks, seed=seed)
-        shape = "variable-way variable-shot (Meta-Dataset episodes)"
+    if task_family(config.dataset) is not None:  # generated tasks (sinusoid): their own fixed seeds
+        tasks = family_tasks(config.dataset, args.split, shots, args.queries, args.tasks, seed=args.seed)
+        shape = f"{shots}-shot, {args.queries} queries per task"
     else:
-        tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks, seed=seed, within_groups=within)
-        shape = (f"{ways}-way {shots}-shot, {args.queries} queries per class"
-                 + (", classes of each task from one group" if within else ""))
+        settings = dataset_settings(config)
+        if "text_features" in ckpt.extra:  # featurise text exactly as in training
+            settings["features"] = ckpt.extra["text_features"]
+        dataset = load_dataset(config.dataset, args.split, **settings)
+        expected = ckpt.extra.get("example_shape")
+        if expected is not None and tuple(dataset.example_shape) != tuple(expected):
+            raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
+                              f"{config.dataset} gives {tuple(dataset.example_shape)}; evaluate on data "
+                              f"of the kind it was trained on")
+        if args.episodes == "variable":
+            from kshot.metadataset import fixed_episodes
+
+            if within:
+                raise ConfigError("--episodes variable draws classes from the whole split; "
+                                  "use --no-within-groups")
+            tasks = fixed_episodes(dataset, args.tasks, seed=seed)
+            shape = "variable-way variable-shot (Meta-Dataset episodes)"
+        else:
+            tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks, seed=seed, within_groups=within)
+            shape = (f"{ways}-way {shots}-shot, {args.queries} queries per class"
+                     + (", classes of each task from one group" if within else ""))
     result = evaluate(learner, tasks, device=args.device, progress=not args.quiet)
     print(f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
           f"{args.split}: {shape}")
-    print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
+    if result.is_regression:
+        print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks)")
+    else:
+        print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
     if args.out:
         from kshot.data.archives import atomic_write_text
 

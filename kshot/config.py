@@ -57,7 +57,7 @@ class TrainConfig:
     lr: float = 1e-3  # outer learning rate
     weight_decay: float = 0.0  # outer weight decay
     momentum: float = 0.9  # momentum of the sgd outer optimiser
-    lr_schedule: str = "step"  # constant | step | cosine
+    lr_schedule: str = "step"  # constant | step | cosine | linear (to 0 at the last step)
     lr_decay_every: int = 2000  # step schedule: multiply the lr by lr_decay_factor this often
     lr_decay_factor: float = 0.5  # step schedule factor
     grad_clip: float = 0.0  # clip the meta-gradient norm to this (0: off)
@@ -68,6 +68,11 @@ class TrainConfig:
     margin: float = 1.0  # siamese: margin of the contrastive and triplet losses
     pairs: int = 128  # siamese: pairs per training batch, half same-class, half different
     augment: str = "none"  # siamese: none | affine (Koch et al.'s random distortions of training pairs)
+    inner_steps: int = 1  # maml family, reptile: gradient steps on the support set per task
+    inner_lr: float = 0.4  # maml family, reptile: inner learning rate (metasgd: its initial value)
+    test_inner_steps: int = 0  # maml family, reptile: inner steps at validation/test (0: same as inner_steps)
+    batch_tasks: str = "auto"  # maml family, reptile: loop | vmap | batched (MLPs) | auto (see docs/MAML.md)
+    metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks
@@ -107,10 +112,17 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, not {self.lr}")
+        if self.inner_steps < 1 or self.test_inner_steps < 0:
+            raise ConfigError(f"inner_steps must be at least 1 and test_inner_steps at least 0, not "
+                              f"{self.inner_steps} and {self.test_inner_steps}")
+        if self.inner_lr <= 0:
+            raise ConfigError(f"inner_lr must be positive, not {self.inner_lr}")
+        if self.batch_tasks not in ("auto", "loop", "vmap", "batched"):
+            raise ConfigError(f"unknown batch_tasks {self.batch_tasks!r}; choose auto, loop, vmap or batched")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose adam, adamw or sgd")
-        if self.lr_schedule not in ("constant", "step", "cosine"):
-            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose constant, step or cosine")
+        if self.lr_schedule not in ("constant", "step", "cosine", "linear"):
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose constant, step, cosine or linear")
         if self.episodes not in ("fixed", "variable"):
             raise ConfigError(f"unknown episodes {self.episodes!r}; choose fixed or variable")
         if self.source_weights not in ("uniform", "classes"):

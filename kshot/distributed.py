@@ -170,13 +170,14 @@ class Distributed:
         return value
 
     def evaluate(self, learner, tasks: Sequence, device: torch.device | str = "cpu",
-                 progress: bool = False, desc: str = "evaluating"):
+                 progress: bool = False, desc: str = "evaluating", trace: bool = False):
         """:func:`kshot.evaluate.evaluate` with the tasks shared among ranks; every rank gets
-        the whole result (per-task accuracies in task order), the same as one process's."""
+        the whole result (per-task accuracies in task order), the same as one process's.
+        ``trace`` (the inner-loop figures of gradient-based learners) is kept in one process only."""
         from kshot.evaluate import EvalResult, evaluate
 
         if not self.enabled:
-            return evaluate(learner, tasks, device=device, progress=progress, desc=desc)
+            return evaluate(learner, tasks, device=device, progress=progress, desc=desc, trace=trace)
         n = len(tasks)
         share = -(-n // self.world_size)
         lo = min(self.rank * share, n)

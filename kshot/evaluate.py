@@ -8,7 +8,7 @@ report it so, which makes figures comparable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -21,10 +21,16 @@ from kshot.tasks import Task
 
 @dataclass
 class EvalResult:
-    """Per-task accuracies (and losses) and their summary."""
+    """Per-task accuracies (and losses) and their summary.
+
+    For regression tasks the accuracies are NaN and the loss (MSE) is the figure to report.
+    ``metrics`` holds further per-task values (e.g. losses at each inner step of a
+    gradient-based learner), summarised by their means.
+    """
 
     accuracies: np.ndarray
     losses: np.ndarray
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_tasks(self) -> int:
@@ -42,10 +48,21 @@ class EvalResult:
     def loss(self) -> float:
         return float(self.losses.mean())
 
+    @property
+    def loss_ci95(self) -> float:
+        return confidence_interval(self.losses)
+
+    @property
+    def is_regression(self) -> bool:
+        return bool(np.isnan(self.accuracies).all()) and self.n_tasks > 0
+
     def summary(self) -> dict:
-        return {"acc": self.mean, "acc_ci95": self.ci95, "loss": self.loss, "tasks": self.n_tasks}
+        return {"acc": self.mean, "acc_ci95": self.ci95, "loss": self.loss, "loss_ci95": self.loss_ci95,
+                "tasks": self.n_tasks, **{k: float(np.mean(v)) for k, v in self.metrics.items()}}
 
     def __str__(self) -> str:
+        if self.is_regression:
+            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} over {self.n_tasks} tasks"
         return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f} % over {self.n_tasks} tasks"
 
 
@@ -58,15 +75,18 @@ def confidence_interval(values: Sequence[float] | np.ndarray, z: float = 1.96) -
 
 
 def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device = "cpu",
-             progress: bool = False, desc: str = "evaluating") -> EvalResult:
+             progress: bool = False, desc: str = "evaluating", trace: bool = False) -> EvalResult:
     """Adapt ``learner`` to each task's support set and score it on the task's queries.
 
     The learner is put in eval mode for the duration (batch norm uses its running statistics
-    where it keeps them) and restored afterwards.
+    where it keeps them) and restored afterwards. With ``trace``, predictors that can say how
+    adaptation went (gradient-based learners: support and query loss at each inner step) add
+    those figures to the result's ``metrics``.
     """
     was_training = learner.training
     learner.eval()
     accs, losses = [], []
+    traced: dict[str, list[float]] = {}
     total = len(tasks) if hasattr(tasks, "__len__") else None  # type: ignore[arg-type]
     try:
         for task in tqdm(tasks, total=total, desc=desc, disable=not progress, leave=False):
@@ -76,7 +96,11 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
                 predictor = learner.adapt(task.support_x, task.support_y, task.ways)
                 logits = predictor.logits(task.query_x)
                 losses.append(learner.query_loss(logits, task.query_y).item())
-                accs.append((logits.argmax(-1) == task.query_y).float().mean().item())
+                accs.append(learner.query_accuracy(logits, task.query_y))
+                if trace and hasattr(predictor, "trace"):
+                    for k, v in predictor.trace(task.query_x, task.query_y).items():
+                        traced.setdefault(k, []).append(v)
     finally:
         learner.train(was_training)
-    return EvalResult(np.array(accs), np.array(losses))
+    return EvalResult(np.array(accs, dtype=np.float64), np.array(losses),
+                      {k: np.array(v) for k, v in traced.items() if len(v) == len(losses)})

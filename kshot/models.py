@@ -17,6 +17,7 @@ a checkpoint stores to build it again.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -47,6 +48,17 @@ def input_kwargs(name: str, example_shape: Sequence[int]) -> dict:
     """The data-dependent arguments of backbone ``name`` for examples of ``example_shape``."""
     fn = _INPUT_KWARGS.get(name)
     return fn(tuple(example_shape)) if fn else {}
+
+
+def backbone_arguments(name: str) -> set[str] | None:
+    """The keyword arguments backbone ``name`` accepts (None: unknown, or it takes any)."""
+    fn = _REGISTRY.get(name)
+    if fn is None:
+        return None
+    parameters = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
 
 
 def list_models() -> list[str]:

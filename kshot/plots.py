@@ -86,3 +86,46 @@ def plot_roc(curves: dict, out: str | Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_regression_fits(learner, panels, out: str | Path, steps=None) -> Path:
+    """Curves of a regression learner before and after adaptation, against the true ones.
+
+    Args:
+        learner: a gradient-based learner (its predictors keep their trajectory outside training).
+        panels: ``(task, grid_x [m, 1], true_y [m, 1], title)`` per subplot.
+        out: PNG path.
+        steps: inner steps to draw (default 0, 1 and 10; 0 is the meta-learned initialisation).
+    """
+    import torch
+
+    steps = sorted(set(steps or (0, 1, 10)))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    was_training, saved = learner.training, learner.test_inner_steps
+    device = next(learner.parameters()).device
+    learner.eval()
+    learner.test_inner_steps = max(max(steps), 1)
+    try:
+        for ax, (task, grid, truth, title) in zip(axes[0], panels):
+            task = task.to(device)
+            with torch.no_grad():
+                predictor = learner.adapt(task.support_x, task.support_y)
+                curves = {k: predictor.at_step(k, grid.to(device)).cpu() for k in steps}
+            ax.plot(grid[:, 0], truth[:, 0], "k-", lw=2, label="true")
+            for k, y in curves.items():
+                ax.plot(grid[:, 0], y[:, 0], "--" if k == 0 else "-",
+                        label="meta-init" if k == 0 else f"{k} step{'s' if k > 1 else ''}")
+            ax.plot(task.support_x[:, 0].cpu(), task.support_y[:, 0].cpu(), "^", color="tab:purple",
+                    ms=8, label="support")
+            ax.set(title=title, xlabel="x")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        out = Path(out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        learner.train(was_training)
+        learner.test_inner_steps = saved
+        plt.close(fig)
+    return out

@@ -37,6 +37,7 @@ from kshot.checkpoint import load_checkpoint, save_checkpoint
 from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS, load_dataset
 from kshot.data.archives import atomic_write_text
+from kshot.data.synthetic import family_sampler, family_tasks, task_family
 from kshot.distributed import Distributed
 from kshot.errors import CheckpointError, ConfigError
 from kshot.evaluate import EvalResult
@@ -73,6 +74,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
         return config.lr * config.lr_decay_factor ** (step // max(config.lr_decay_every, 1))
     if config.lr_schedule == "cosine":
         return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, config.steps) / config.steps))
+    if config.lr_schedule == "linear":  # to 0 at the last step (Reptile's outer step size)
+        return config.lr * max(0.0, 1 - step / config.steps)
     return config.lr
 
 
@@ -178,6 +181,9 @@ class Trainer:
         if config.dataset in SPLIT_FILE_DATASETS and not config.split_file:
             # The drawn class split is kept beside the run, so that eval and resume reuse it.
             self.config.split_file = str((self.run_dir / "classes.json").resolve())
+        if sampler is None and task_family(config.dataset) is not None:  # generated tasks
+            sampler = family_sampler(config.dataset, "train", config.shots, config.queries, seed=config.seed,
+                                     meta_batch_size=config.meta_batch_size)
         if sampler is None:
             train_set = load_dataset(config.dataset, config.train_split, **dataset_settings(config))
             sampler = LEARNERS[config.algo].make_sampler(config, train_set)
@@ -194,6 +200,8 @@ class Trainer:
     # ------------------------------------------------------------------ fixed tasks
     def _fixed(self, split: str, n_tasks: int) -> Sequence[Task]:
         c = self.config
+        if task_family(c.dataset) is not None:
+            return family_tasks(c.dataset, split, c.eval_shots, c.test_queries, n_tasks)
         dataset = load_dataset(c.dataset, split, **dataset_settings(c))
         return fixed_tasks(dataset, c.eval_ways, c.eval_shots, c.test_queries, n_tasks,
                            within_groups=c.test_within_groups)
@@ -297,8 +305,10 @@ class Trainer:
             prefetcher.close()
 
     def validate(self) -> EvalResult:
-        """Accuracy on the fixed validation tasks (shared among the ranks of a distributed run)."""
-        return self.dist.evaluate(self.learner, self.val_tasks, device=self.device, progress=False)
+        """Accuracy on the fixed validation tasks (shared among the ranks of a distributed run),
+        with the inner-loop trace of gradient-based learners."""
+        return self.dist.evaluate(self.learner, self.val_tasks, device=self.device, progress=False,
+                                  trace=True)
 
     def _is_better(self, result: dict) -> bool:
         if self.best_val is None:
@@ -388,7 +398,9 @@ class Trainer:
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
                 self._save(self.best_path, with_optimizer=False)
-            if self.progress:
+            if self.progress and math.isnan(result["acc"]):
+                tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}")
+            elif self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
                            f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}")
 
@@ -430,6 +442,9 @@ class Trainer:
         try:
             result = self.dist.evaluate(self.learner, self.test_tasks, device=self.device,
                                         progress=self.progress, desc="testing").summary()
+            plot_adaptation = getattr(self.sampler, "plot_adaptation", None)
+            if plot_adaptation is not None and self.dist.is_main:  # generated tasks: adapted vs true curves
+                plot_adaptation(self.learner, self.run_dir / "adaptation.png")
         finally:
             self.learner.load_state_dict(current)
         if not self.dist.is_main:

@@ -129,6 +129,10 @@ class Learner(nn.Module, ABC):
     def query_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels)
 
+    def query_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Fraction of queries classified right (NaN for learners of regression tasks)."""
+        return accuracy(logits, labels)
+
     def meta_loss(self, tasks: Sequence[Task]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean query loss over ``tasks`` (differentiable) and metrics averaged over them."""
         total, correct = 0.0, 0.0
@@ -139,7 +143,7 @@ class Learner(nn.Module, ABC):
             loss = self.query_loss(logits, task.query_y)
             losses.append(loss)
             total += loss.item()
-            correct += accuracy(logits, task.query_y)
+            correct += self.query_accuracy(logits, task.query_y)
         n = len(tasks)
         return torch.stack(losses).mean(), {"loss": total / n, "acc": correct / n}
 

@@ -1,0 +1,284 @@
+"""A module as a pure function of its parameters: ``forward(params, x)``, for the inner loop.
+
+Gradient-based meta-learners evaluate one network at many parameter values (the meta-parameters,
+then each task's adapted ones). :func:`functional_forward` turns any ``nn.Module`` into such a
+function: by default ``torch.func.functional_call``, which works for every module and under
+``vmap``. For a plain ``nn.Sequential`` of standard layers (Conv4, MLPs: the backbones of the
+MAML literature) it returns :class:`SequentialForward`, which calls ``torch.nn.functional`` on
+the parameter dict directly and computes exactly the same function with less work on a CPU:
+
+* activations in channels-last layout (max-pooling and batch norm are several times faster
+  there on CPU than in NCHW);
+* a convolution with few inputs per output (the first layer: 1 channel x 3 x 3) as an im2col
+  matrix product, which is about five times faster on CPU than the convolution kernel;
+* max-pooling before a ReLU that precedes it (``relu`` is monotonic, so
+  ``maxpool(relu(x)) == relu(maxpool(x))``, gradients included) on a quarter of the values;
+* the bias of a convolution or linear layer followed by batch norm with batch statistics is
+  left out: the normalisation subtracts it again, so the output does not depend on it and its
+  gradient is exactly zero. Such parameters are listed in ``unused``.
+
+Tests hold :class:`SequentialForward` to ``functional_call`` on outputs, gradients and
+second-order gradients.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+Forward = Callable[[Params, torch.Tensor], torch.Tensor]
+
+#: A convolution with at most this many inputs per output value (in_channels x kh x kw) runs as
+#: an im2col matrix product: the CPU convolution kernels are slow for so few input channels.
+IM2COL_MAX_INPUTS = 32
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether a batch-norm layer normalises by the current batch in every mode."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats
+
+
+def use_batch_statistics(model: nn.Module) -> nn.Module:
+    """Make every batch-norm layer of ``model`` normalise by the current batch, always.
+
+    This is how MAML treats batch norm: each task's support (and query) batch is normalised by
+    its own statistics at training and at test time, and no running statistics are kept, so no
+    state can leak from one task to the next. Changes ``model`` in place and returns it.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            module.track_running_stats = False
+            module.running_mean = None
+            module.running_var = None
+            module.num_batches_tracked = None
+    return model
+
+
+class FunctionalForward:
+    """``forward(params, x)`` for any module through ``torch.func.functional_call``.
+
+    ``params`` maps parameter names (as in ``named_parameters``) to tensors; names left out take
+    the module's own values. Buffers are the module's own and are never written to.
+    """
+
+    #: Parameters the output does not depend on (their gradient is exactly zero).
+    unused: frozenset[str] = frozenset()
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        buffers = {name: b for name, b in self.module.named_buffers()}
+        return functional_call(self.module, (params, buffers), (x,), strict=False)
+
+
+class SequentialForward(FunctionalForward):
+    """The same function as ``functional_call`` for an ``nn.Sequential`` of standard layers,
+    computed with ``torch.nn.functional`` directly (see the module docstring for what it saves).
+
+    Built by :func:`functional_forward`, which checks that the model qualifies.
+    """
+
+    def __init__(self, module: nn.Sequential, layers: list[tuple[str, nn.Module]]):
+        super().__init__(module)
+        self.ops: list[Callable[[Params, torch.Tensor], torch.Tensor]] = []
+        unused: set[str] = set()
+        i = 0
+        while i < len(layers):
+            name, layer = layers[i]
+            nxt = layers[i + 1][1] if i + 1 < len(layers) else None
+            if isinstance(layer, nn.ReLU) and isinstance(nxt, nn.MaxPool2d):
+                self.ops.append(_pool_then_relu(nxt))
+                i += 2
+                continue
+            drop_bias = (getattr(layer, "bias", None) is not None and isinstance(layer, (nn.Conv2d, nn.Linear))
+                         and nxt is not None and uses_batch_statistics(nxt))
+            if drop_bias:
+                unused.add(f"{name}.bias")
+            if isinstance(layer, nn.Conv2d):
+                self.ops.append(_conv(name, layer, first=not self.ops, bias=not drop_bias))
+            elif isinstance(layer, nn.Linear):
+                self.ops.append(_linear(name, layer, bias=not drop_bias))
+            elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                self.ops.append(_batch_norm(name, layer))
+            elif isinstance(layer, nn.ReLU):  # never in place: autograd may need its input
+                self.ops.append(lambda params, x: F.relu(x))
+            else:  # parameter-free layers run as they are
+                self.ops.append(_stateless(layer))
+            i += 1
+        self.unused = frozenset(unused)
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        for op in self.ops:
+            x = op(params, x)
+        return x
+
+
+def _stateless(layer: nn.Module):
+    return lambda params, x: layer(x)
+
+
+def _pool_then_relu(pool: nn.MaxPool2d):
+    def op(params: Params, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                   ceil_mode=pool.ceil_mode))
+    return op
+
+
+def _linear(name: str, layer: nn.Linear, bias: bool):
+    w, b = f"{name}.weight", f"{name}.bias"
+    has_bias = bias and layer.bias is not None
+
+    def op(params: Params, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, params[w], params[b] if has_bias else None)
+    return op
+
+
+def _batch_norm(name: str, layer: nn.modules.batchnorm._BatchNorm):
+    w, b = f"{name}.weight", f"{name}.bias"
+    affine, eps = layer.affine, layer.eps
+
+    def op(params: Params, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, params[w] if affine else None, params[b] if affine else None,
+                            training=True, eps=eps)
+    return op
+
+
+def _conv(name: str, layer: nn.Conv2d, first: bool, bias: bool):
+    w, b = f"{name}.weight", f"{name}.bias"
+    has_bias = bias and layer.bias is not None
+    stride, padding, dilation, groups = layer.stride, layer.padding, layer.dilation, layer.groups
+    kh, kw = layer.kernel_size
+    im2col = (groups == 1 and not isinstance(padding, str) and layer.padding_mode == "zeros"
+              and layer.in_channels * kh * kw <= IM2COL_MAX_INPUTS)
+    if im2col:
+        def op(params: Params, x: torch.Tensor) -> torch.Tensor:
+            n, _, height, width = x.shape
+            out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+            out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+            cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [n, c*kh*kw, L]
+            weight = params[w].reshape(params[w].shape[0], -1)                              # [out, c*kh*kw]
+            out = torch.matmul(cols.transpose(1, 2), weight.t())                              # [n, L, out]
+            if has_bias:
+                out = out + params[b]
+            # [n, out_h, out_w, out] viewed as NCHW: channels-last memory, no copy.
+            return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+        return op
+
+    def op(params: Params, x: torch.Tensor) -> torch.Tensor:
+        if first and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, params[w], params[b] if has_bias else None, stride, padding, dilation, groups)
+    return op
+
+
+_STATELESS = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
+              nn.ELU, nn.GELU, nn.SiLU, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout)
+
+
+def _flat_layers(module: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]] | None:
+    """The leaves of nested Sequentials with their parameter-name prefixes, or None if any leaf
+    is a layer :class:`SequentialForward` does not know."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            inner = _flat_layers(child, full + ".")
+            if inner is None:
+                return None
+            out += inner
+        elif type(child) in (nn.Conv2d, nn.Linear):
+            out.append((full, child))
+        elif isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)) and uses_batch_statistics(child):
+            out.append((full, child))
+        elif type(child) in _STATELESS:
+            out.append((full, child))
+        else:
+            return None
+    return out
+
+
+def functional_forward(model: nn.Module, fast: bool = True) -> FunctionalForward:
+    """``forward(params, x)`` for ``model``: :class:`SequentialForward` when ``fast`` and the
+    model is a Sequential of layers it knows, otherwise ``functional_call``."""
+    if fast and isinstance(model, nn.Sequential):
+        layers = _flat_layers(model)
+        if layers is not None:
+            return SequentialForward(model, layers)
+    return FunctionalForward(model)
+
+
+def split_head(model: nn.Module, fast: bool = True) -> tuple[FunctionalForward, FunctionalForward] | None:
+    """``(body, head)`` forwards of a Sequential whose last parametrised child is its head, such
+    that ``model(x) == head(params, body(params, x))``; None for other models.
+
+    ANIL adapts only the head, so the body's features of a task are computed once, not once per
+    inner step.
+    """
+    if not isinstance(model, nn.Sequential):
+        return None
+    children = list(model._modules.items())
+    with_params = [i for i, (_, child) in enumerate(children) if any(True for _ in child.parameters())]
+    if not with_params or with_params[-1] == 0:
+        return None
+    cut = with_params[-1]
+    body = nn.Sequential(OrderedDict(children[:cut]))
+    head = nn.Sequential(OrderedDict(children[cut:]))
+    return functional_forward(body, fast), functional_forward(head, fast)
+
+
+class BatchedMLPForward:
+    """``forward(params, x)`` for a meta-batch of tasks at once, for MLPs (Linear layers and
+    parameter-free ones): parameters carry a leading task dimension ``[B, ...]``, inputs are
+    ``[B, n, ...]``, and each Linear layer is one batched matrix product over the tasks.
+
+    On a CPU this beats ``vmap`` by about 2x on MAML's sinusoid MLP (fewer, larger kernels and
+    no batching-rule dispatch). Per-task inner gradients come from one backward pass with
+    respect to the parameters expanded over tasks (each task's loss depends only on its slice).
+    """
+
+    unused: frozenset[str] = frozenset()
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        self.layers = layers
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        for name, layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                weight = params[f"{name}.weight"]  # [B, out, in]
+                bias = params.get(f"{name}.bias") if layer.bias is not None else None
+                x = (torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)) if bias is not None
+                     else torch.bmm(x, weight.transpose(1, 2)))
+            elif isinstance(layer, nn.Flatten):
+                end = layer.end_dim if layer.end_dim < 0 else layer.end_dim + 1
+                x = x.flatten(layer.start_dim + 1, end)
+            elif isinstance(layer, nn.ReLU):
+                x = F.relu(x)
+            else:
+                x = layer(x)
+        return x
+
+
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Identity)
+
+
+def batched_forward(model: nn.Module) -> BatchedMLPForward | None:
+    """:class:`BatchedMLPForward` for an MLP (a Sequential of Linear, Flatten with
+    ``start_dim >= 1`` and elementwise activations), None for any other model."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    layers = _flat_layers(model)
+    if layers is None:
+        return None
+    for _, layer in layers:
+        if isinstance(layer, nn.Flatten) and layer.start_dim < 1:
+            return None
+        if type(layer) not in (nn.Linear, nn.Flatten) + _ELEMENTWISE:
+            return None
+    return BatchedMLPForward(layers)

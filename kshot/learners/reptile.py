@@ -1,0 +1,94 @@
+"""Reptile (Nichol, Achiam and Schulman 2018, "On First-Order Meta-Learning Algorithms",
+arXiv:1803.02999).
+
+For each task of a meta-batch, a few plain SGD steps from the meta-parameters ``theta`` on all
+of the task's labelled examples (support and query together) give ``phi``; the meta-update moves
+``theta`` towards the mean of the ``phi``: ``theta <- theta + epsilon * mean(phi - theta)``.
+:meth:`Reptile.meta_gradient` leaves ``theta - mean(phi)`` in ``.grad``, so the trainer's outer
+optimiser makes the step: SGD without momentum and learning rate ``epsilon`` is the paper's
+update (its ``epsilon`` is 1, annealed linearly to 0: ``--lr-schedule linear``).
+
+No gradient flows through the inner steps, so Reptile costs what fine-tuning costs. At test
+time a task is adapted on its support set only, exactly as MAML's is (``adapt``). Simplification
+against the paper: full-batch SGD inner steps instead of Adam on mini-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from kshot.errors import ConfigError
+from kshot.learners.inner_loop import GradientLearner
+from kshot.tasks import Task, stack_tasks
+
+
+class Reptile(GradientLearner):
+    """Reptile around any model; see the module docstring and
+    :class:`~kshot.learners.inner_loop.GradientLearner` for the arguments."""
+
+    algo = "reptile"
+    first_order_steps = True
+
+    def meta_gradient(self, tasks: Sequence[Task], scale: float = 1.0) -> dict[str, float]:
+        """Accumulate ``scale * (theta - mean over tasks of phi)`` into ``.grad``.
+
+        Returns the tasks' training loss before adaptation (``loss``) and at the last inner step.
+        """
+        if not tasks:
+            raise ConfigError("a meta-batch needs at least one task")
+        meta = {n: p.detach() for n, p in self.meta_parameters().items()}
+        mode = self.batch_mode(tasks)
+        if mode == "vmap":
+            adapted, first, last = self._adapt_vmap(tasks, meta)
+        elif mode == "batched":
+            adapted, first, last = self._adapt_batched(tasks, meta)
+        else:
+            adapted, first, last = self._adapt_loop(tasks, meta)
+        for name, p in self.meta_parameters().items():
+            g = (meta[name] - adapted[name]) * scale
+            p.grad = g if p.grad is None else p.grad + g
+        return {"loss": first, "loss_last_step": last}
+
+    def _adapt_loop(self, tasks: Sequence[Task], meta: dict[str, torch.Tensor]):
+        inner = self.inner_loop()
+        total = {n: torch.zeros_like(p) for n, p in meta.items()}
+        first, last = 0.0, 0.0
+        for task in tasks:
+            x = torch.cat([task.support_x, task.query_x])
+            y = torch.cat([task.support_y, task.query_y])
+            start = {n: p.clone().requires_grad_(n in inner.names) for n, p in meta.items()}
+            with torch.enable_grad():
+                result = inner.adapt(start, x, y, self.inner_steps, self.inner_lr, create_graph=False)
+            for n, p in result.params.items():
+                total[n] += p.detach()
+            first += result.support_losses[0].item()
+            last += result.support_losses[-1].item()
+        n = len(tasks)
+        return {k: v / n for k, v in total.items()}, first / n, last / n
+
+    def _adapt_batched(self, tasks: Sequence[Task], meta: dict[str, torch.Tensor]):
+        support_x, support_y, query_x, query_y = stack_tasks(tasks)
+        x, y = torch.cat([support_x, query_x], 1), torch.cat([support_y, query_y], 1)
+        n = len(tasks)
+        start = {name: p.expand(n, *p.shape).clone().requires_grad_() for name, p in meta.items()}
+        with torch.enable_grad():
+            result = self.batched_inner_loop().adapt(start, x, y, self.inner_steps, self.inner_lr,
+                                                     create_graph=False)
+        return ({name: p.detach().mean(0) for name, p in result.params.items()},
+                result.support_losses[0].item() / n, result.support_losses[-1].item() / n)
+
+    def _adapt_vmap(self, tasks: Sequence[Task], meta: dict[str, torch.Tensor]):
+        support_x, support_y, query_x, query_y = stack_tasks(tasks)
+        x, y = torch.cat([support_x, query_x], 1), torch.cat([support_y, query_y], 1)
+        inner = self.inner_loop(generic=True)
+        steps, lr = self.inner_steps, self.inner_lr
+
+        def adapt_one(theta, xs, ys):
+            result = inner.adapt(theta, xs, ys, steps, lr, create_graph=False, functional=True)
+            return result.params, result.support_losses[0], result.support_losses[-1]
+
+        with torch.enable_grad():
+            params, first, last = torch.func.vmap(adapt_one, in_dims=(None, 0, 0))(meta, x, y)
+        return ({n: p.detach().mean(0) for n, p in params.items()}, first.mean().item(), last.mean().item())
