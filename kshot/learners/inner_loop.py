@@ -25,7 +25,9 @@ loss (cross-entropy, or MSE for regression task families), and implements ``adap
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
 
@@ -58,6 +60,21 @@ class Adaptation:
     params: Params
     support_losses: list[torch.Tensor] = field(default_factory=list)
     trajectory: list[Params] | None = None
+
+
+def twice_differentiable(enabled: bool = True):
+    """A context in which attention uses the plain math kernel when ``enabled``.
+
+    PyTorch's fused attention kernels have no second derivative, so a second-order
+    meta-gradient through a Transformer needs the math kernel (same function, more memory).
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class InnerLoop:
@@ -286,6 +303,20 @@ class GradientLearner(Learner):
                 return "vmap"
         return "loop"
 
+    def vmap_or_loop(self, vmapped: Callable, *args):
+        """``vmapped(*args)``, or None when the model cannot be batched with vmap (data-dependent
+        control flow, an operator without a batching rule): the caller then loops over tasks,
+        which computes the same numbers. Warns once per learner."""
+        if getattr(self, "_vmap_failed", False):
+            return None
+        try:
+            return vmapped(*args)
+        except (RuntimeError, NotImplementedError) as e:
+            self._vmap_failed = True
+            warnings.warn(f"{type(self.model).__name__} cannot be batched over tasks with vmap "
+                          f"({str(e).splitlines()[0][:160]}); looping over tasks instead", stacklevel=3)
+            return None
+
     def task_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each task's mean loss, ``[B]``, from batched outputs ``[B, n, ...]`` and targets."""
         if self.classification:
@@ -332,7 +363,7 @@ class GradientLearner(Learner):
             params = {n: p.detach().requires_grad_(n in self.adapted_names) for n, p in params.items()}
             lr = {n: v.detach() for n, v in lr.items()} if isinstance(lr, dict) else lr
         create_graph = differentiable and not self.first_order_steps
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable(create_graph):
             if self.split is not None:  # ANIL: the body's features once, the head adapts on them
                 body, head = self.split
                 features = body(params, support_x)

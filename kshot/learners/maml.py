@@ -25,7 +25,7 @@ from torch import nn
 
 from kshot.config import register_preset
 from kshot.errors import ConfigError
-from kshot.learners.inner_loop import GradientLearner, _param_key
+from kshot.learners.inner_loop import GradientLearner, _param_key, twice_differentiable
 from kshot.tasks import Task, stack_tasks
 
 
@@ -85,12 +85,12 @@ class MAML(GradientLearner):
         if not tasks:
             raise ConfigError("a meta-batch needs at least one task")
         mode = self.batch_mode(tasks)
-        if mode == "vmap":
-            metrics = self._meta_gradient_vmap(tasks, scale)
-        elif mode == "batched":
-            metrics = self._meta_gradient_batched(tasks, scale)
-        else:
-            metrics = self._meta_gradient_loop(tasks, scale)
+        with twice_differentiable(not self.first_order):
+            metrics = self.vmap_or_loop(self._meta_gradient_vmap, tasks, scale) if mode == "vmap" else None
+            if metrics is None and mode == "batched":
+                metrics = self._meta_gradient_batched(tasks, scale)
+            elif metrics is None:
+                metrics = self._meta_gradient_loop(tasks, scale)
         for p in self.parameters():  # parameters the output ignores get their exact gradient, 0
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)

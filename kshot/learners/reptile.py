@@ -40,8 +40,9 @@ class Reptile(GradientLearner):
             raise ConfigError("a meta-batch needs at least one task")
         meta = {n: p.detach() for n, p in self.meta_parameters().items()}
         mode = self.batch_mode(tasks)
-        if mode == "vmap":
-            adapted, first, last = self._adapt_vmap(tasks, meta)
+        vmapped = self.vmap_or_loop(self._adapt_vmap, tasks, meta) if mode == "vmap" else None
+        if vmapped is not None:
+            adapted, first, last = vmapped
         elif mode == "batched":
             adapted, first, last = self._adapt_batched(tasks, meta)
         else:

@@ -1,0 +1,105 @@
+"""The MAML family through the trainer and the command line: sinusoid regression reports MSE,
+Omniglot runs log the inner loop beside meta-validation, and runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kshot.checkpoint import load_checkpoint
+from kshot.config import resolve_config
+from kshot.train import train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: more threads only wait for each other (badly so on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kshot(*args: str) -> subprocess.CompletedProcess:
+    # One thread: these models are tiny, and on a shared machine more threads only wait for each other.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "kshot", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_sinusoid_run_reports_mse_and_plots_the_adapted_curves(tmp_path):
+    config = resolve_config("maml-sinusoid-10shot", overrides=dict(
+        steps=60, val_every=30, val_tasks=50, test_tasks=600, log_every=10, checkpoint_every=30))
+    result = train(config, tmp_path / "run", progress=False)
+    test = result.test
+    assert math.isnan(test["acc"]) and test["tasks"] == 600
+    # Predicting 0 everywhere scores E[A^2]/2 = 4.3 on this task family; 60 steps already beat it.
+    assert test["loss"] < 4.0 and 0 < test["loss_ci95"] < 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in val] == [30, 60]
+    assert val[-1]["query_loss_step1"] < val[-1]["query_loss_step0"]  # adaptation helps
+    assert val[-1]["support_loss_step1"] < val[-1]["support_loss_step0"]
+    assert all(r["support_loss_before"] > 0 for r in records if r["split"] == "train")
+    assert (tmp_path / "run" / "adaptation.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["test"]["loss"] == pytest.approx(test["loss"])
+
+
+def test_meta_sgd_run_resumes_to_the_same_weights(tmp_path):
+    config = resolve_config("metasgd-sinusoid-10shot", overrides=dict(
+        steps=8, val_every=4, val_tasks=10, test_tasks=0, log_every=2, checkpoint_every=2, meta_batch_size=5))
+    straight = train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "resumed", progress=False, stop_after=3)
+    resumed = train(config, tmp_path / "resumed", progress=False)
+    assert straight.step == resumed.step == 8
+    a = load_checkpoint(tmp_path / "straight" / "last.safetensors").state_dict
+    b = load_checkpoint(tmp_path / "resumed" / "last.safetensors").state_dict
+    assert set(a) == set(b) and any(k.startswith("inner_lrs.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_cli_trains_and_evaluates_maml_on_omniglot(tmp_path):
+    run_dir = tmp_path / "omniglot"
+    result = kshot("train", "--algo", "fomaml", "--ways", "5", "--shots", "1", "--queries", "2",
+                   "--backbone-options", '{"hidden": 8}', "--meta-batch-size", "2", "--steps", "4",
+                   "--inner-steps", "2", "--test-inner-steps", "3", "--val-every", "2", "--val-tasks", "4",
+                   "--test-tasks", "0", "--log-every", "2", "--threads", "1", "--quiet", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"best meta-validation: \d+\.\d+ ± \d+\.\d+ %", result.stdout), result.stdout
+    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+           if '"val"' in line]
+    assert {"query_acc_step0", "query_acc_step3", "support_loss_step3"} <= set(val[-1])
+    assert "query_acc_step4" not in val[-1]  # test-time steps: 3
+    evaluated = kshot("eval", str(run_dir), "--tasks", "600", "--queries", "1", "--quiet")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert re.search(r"accuracy \d+\.\d+ ± \d+\.\d+ % \(95% CI over 600 tasks\)", evaluated.stdout)
+
+
+def test_cli_reports_mse_for_regression_and_refuses_bad_settings(tmp_path):
+    run_dir = tmp_path / "sine"
+    result = kshot("train", "--preset", "maml-sinusoid-5shot", "--steps", "6", "--val-every", "3",
+                   "--val-tasks", "10", "--test-tasks", "600", "--log-every", "3", "--quiet", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"meta-test \(600 tasks, 1-way 5-shot\): MSE \d+\.\d+ ± \d+\.\d+", result.stdout), result.stdout
+    evaluated = kshot("eval", str(run_dir), "--tasks", "600", "--queries", "50", "--quiet")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert re.search(r"MSE \d+\.\d+ ± \d+\.\d+ \(95% CI over 600 tasks\)", evaluated.stdout), evaluated.stdout
+    for args, pattern in ((["--algo", "maml", "--test-ways", "20"], "cannot be tested on 20-way"),
+                          (["--algo", "maml", "--batch-tasks", "sometimes"], "unknown batch_tasks"),
+                          (["--algo", "metasgd", "--inner-lr", "0"], "inner_lr must be positive")):
+        bad = kshot("train", *args, "--steps", "1", "--run-dir", str(tmp_path / "bad"), "--quiet")
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert re.search(pattern, bad.stderr), bad.stderr
