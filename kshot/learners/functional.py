@@ -15,7 +15,9 @@ the parameter dict directly and computes exactly the same function with less wor
   ``maxpool(relu(x)) == relu(maxpool(x))``, gradients included) on a quarter of the values;
 * the bias of a convolution or linear layer followed by batch norm with batch statistics is
   left out: the normalisation subtracts it again, so the output does not depend on it and its
-  gradient is exactly zero. Such parameters are listed in ``unused``.
+  gradient is exactly zero. Such parameters are listed in ``unused``;
+* batch norm whose second derivative (MAML's second-order term) is written out in closed form,
+  about 3x cheaper than PyTorch's generic one (:class:`BatchNormBatchStats`).
 
 Tests hold :class:`SequentialForward` to ``functional_call`` on outputs, gradients and
 second-order gradients.
@@ -29,6 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 Params = dict[str, torch.Tensor]
@@ -125,10 +128,65 @@ def _stateless(layer: nn.Module):
 
 
 def _pool_then_relu(pool: nn.MaxPool2d):
+    settings = tuple(_pair(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding,
+                                        pool.dilation)) + (pool.ceil_mode,)
+
     def op(params: Params, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                   ceil_mode=pool.ceil_mode))
+        if x.dim() != 4:
+            return F.relu(F.max_pool2d(x, *settings[:4], ceil_mode=settings[4]))
+        return MaxPoolReLU.apply(x, settings)
     return op
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class MaxPoolReLU(torch.autograd.Function):
+    """``relu(max_pool2d(x))`` with PyTorch's kernels, and a second derivative that knows the
+    backward's dependence on ``x`` is zero (it only routes gradients).
+
+    PyTorch's own double backward of max-pool and ReLU materialises that zero as a full tensor,
+    which the rest of the support set's graph then back-propagates (batch norm, convolution) for
+    nothing; returning no gradient skips that work.
+    """
+
+    @staticmethod
+    def forward(ctx, x, settings):
+        pooled, indices = torch.ops.aten.max_pool2d_with_indices(x, *settings)
+        y = torch.relu(pooled)
+        ctx.save_for_backward(x, y, indices)
+        ctx.settings = settings
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, y, indices = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that will be differentiated
+            return _MaxPoolReLUBackward.apply(grad_y, x, y, indices, ctx.settings), None
+        return _pool_relu_backward(grad_y, x, y, indices, ctx.settings), None
+
+
+def _pool_relu_backward(grad_y, x, y, indices, settings):
+    grad_pooled = torch.ops.aten.threshold_backward(grad_y, y, 0)
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad_pooled, x, *settings, indices)
+
+
+class _MaxPoolReLUBackward(torch.autograd.Function):
+    """The backward of :class:`MaxPoolReLU` as a function of the incoming gradient only."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, y, indices, settings):
+        ctx.save_for_backward(y, indices)
+        return _pool_relu_backward(grad_y, x, y, indices, settings)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, u):
+        y, indices = ctx.saved_tensors
+        n, c = u.shape[:2]
+        picked = u.reshape(n, c, -1).gather(2, indices.reshape(n, c, -1)).view(indices.shape)
+        return torch.ops.aten.threshold_backward(picked, y, 0), None, None, None, None
 
 
 def _linear(name: str, layer: nn.Linear, bias: bool):
@@ -145,9 +203,114 @@ def _batch_norm(name: str, layer: nn.modules.batchnorm._BatchNorm):
     affine, eps = layer.affine, layer.eps
 
     def op(params: Params, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, None, None, params[w] if affine else None, params[b] if affine else None,
-                            training=True, eps=eps)
+        if affine:
+            return BatchNormBatchStats.apply(x, params[w], params[b], eps)
+        return F.batch_norm(x, None, None, None, None, training=True, eps=eps)
     return op
+
+
+def _rows(x: torch.Tensor):
+    """``(rows, unrows)``: ``rows(t)`` views a tensor shaped like ``x`` ([n, C, ...]) as
+    ``[values, C]`` (no copy for channels-last or 2-d ``x``); ``unrows`` maps such a matrix back."""
+    if x.dim() == 2:
+        return (lambda t: t), (lambda m: m)
+    channels = x.shape[1]
+    moved = (x.shape[0],) + tuple(x.shape[2:]) + (channels,)
+    order = (0, x.dim() - 1) + tuple(range(1, x.dim() - 1))
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(1, -1).reshape(-1, channels)
+
+    def unrows(m: torch.Tensor) -> torch.Tensor:
+        return m.view(moved).permute(order)
+    return rows, unrows
+
+
+class BatchNormBatchStats(torch.autograd.Function):
+    """Affine batch norm with the batch's statistics: PyTorch's own kernels forward and backward,
+    and a cheaper second derivative.
+
+    MAML's second-order meta-gradient differentiates the support set's backward pass once more.
+    PyTorch's batch-norm double backward is general and slow (about 20 ms for a 5 x 64 x 28 x 28
+    support batch on one CPU core, 20 times its backward); when the backward runs with
+    ``create_graph`` this Function's backward is :class:`_BatchNormBackward`, whose derivative is
+    written out below (about 3x cheaper). First-order passes use PyTorch's backward unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: this backward will be differentiated
+            gx, gw, gb = _BatchNormBackward.apply(grad_y, x, weight, mean, invstd, ctx.eps)
+        else:
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """``(grad_y, x, weight) -> (grad_x, grad_weight, grad_bias)`` of batch norm, and its
+    derivative in closed form.
+
+    Per channel, with ``s = 1/sqrt(var + eps)``, ``xh = (x - mean) s``, ``a = weight * s``, ``n``
+    values per channel, ``G0 = sum(gy)``, ``G1 = sum(gy xh)``: the backward is
+    ``gx = a (gy - (G0 + G1 xh) / n)``, ``g_weight = G1``, ``g_bias = G0``. For incoming
+    gradients ``(u, uw, ub)`` of those outputs, with ``U0 = sum(u)``, ``U1 = sum(u xh)``,
+    ``K = sum(u gy) - (U0 G0 + U1 G1) / n``:
+    ``d/dgy = a (u - (U0 + U1 xh) / n) + ub + uw xh``, ``d/dweight = s K``, and ``d/dx`` is the
+    batch-norm backward (weight 1) of ``h = d/dxh = uw gy - a (G1 u + U1 gy) / n`` plus the
+    term of ``s`` in ``a``, ``-weight K s^2 xh / n``.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, mean, invstd, eps):
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+        ctx.save_for_backward(grad_y, x, weight, mean, invstd, gw, gb)
+        return gx, gw, gb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, u, u_w, u_b):
+        gy, x, weight, mean, invstd, g1, g0 = ctx.saved_tensors
+        # Work on [values, channels] views (free for channels-last activations): per-channel
+        # vectors then broadcast along the contiguous dimension, which keeps every op vectorised.
+        rows, unrows = _rows(x)
+        x_r, gy_r = rows(x), rows(gy)
+        n = x_r.shape[0]
+        s = invstd
+        xh = torch.addcmul(-(mean * s), x_r, s)
+        a = weight * s
+        zero = x.new_zeros(())
+        uw = u_w if u_w is not None else zero
+        ub = u_b if u_b is not None else zero
+        if u is None:
+            u0 = u1 = ug = zero
+        else:
+            u_r = rows(u)
+            u0 = u_r.sum(0)
+            u1 = (u_r * xh).sum(0)
+            ug = (u_r * gy_r).sum(0)
+        k = ug - (u0 * g0 + u1 * g1) / n
+        grad_gy = torch.addcmul(ub - a * u0 / n, xh, uw - a * u1 / n)
+        if u is not None:
+            grad_gy = torch.addcmul(grad_gy, u_r, a)
+        grad_weight = s * k
+        h = gy_r * (uw - a * u1 / n)
+        if u is not None:
+            h = torch.addcmul(h, u_r, -a * g1 / n)
+        h_mean = h.mean(0)
+        hx_mean = (h * xh).mean(0)
+        grad_x = torch.addcmul(torch.addcmul(-s * h_mean, h, s), xh, -s * hx_mean - weight * k * s * s / n)
+        grad_gy, grad_x = unrows(grad_gy), unrows(grad_x)
+        return grad_gy, grad_x, grad_weight, None, None, None
 
 
 def _conv(name: str, layer: nn.Conv2d, first: bool, bias: bool):
@@ -162,9 +325,12 @@ def _conv(name: str, layer: nn.Conv2d, first: bool, bias: bool):
             n, _, height, width = x.shape
             out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
             out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-            cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [n, c*kh*kw, L]
-            weight = params[w].reshape(params[w].shape[0], -1)                              # [out, c*kh*kw]
-            out = torch.matmul(cols.transpose(1, 2), weight.t())                              # [n, L, out]
+            cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [n, k, L]
+            # [k, n*L] contiguous: then the weight gradient is one [k, n*L] @ [n*L, out] product
+            # (the [n*L, k]^T layout a batched matmul would give is several times slower on CPU).
+            cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+            weight = params[w].reshape(params[w].shape[0], -1).t().contiguous()             # [k, out]
+            out = cols.t().mm(weight)                                                        # [n*L, out]
             if has_bias:
                 out = out + params[b]
             # [n, out_h, out_w, out] viewed as NCHW: channels-last memory, no copy.

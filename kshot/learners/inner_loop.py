@@ -26,7 +26,10 @@ loss (cross-entropy, or MSE for regression task families), and implements ``adap
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import os
+import platform
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
@@ -60,6 +63,38 @@ class Adaptation:
     params: Params
     support_losses: list[torch.Tensor] = field(default_factory=list)
     trajectory: list[Params] | None = None
+
+
+_MEMORY_POLICY_SET = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the OS.
+
+    A meta-training step allocates and frees the same large activation and gradient buffers for
+    every task; by default glibc hands big blocks back to the kernel (``munmap``, heap trimming)
+    and takes them again on the next task, paying a page fault per 4 KiB page each time. For
+    second-order MAML on Conv4 that was ~3,600 page faults and a third of the CPU time per task
+    (benchmarks/maml_speed.py, docs/MAML.md). Raising ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` keeps the buffers; peak memory does not change. Process-wide, once;
+    glibc only; set ``KSHOT_KEEP_FREED_MEMORY=0`` to leave the allocator alone.
+
+    Returns:
+        Whether the policy is in effect.
+    """
+    global _MEMORY_POLICY_SET
+    if _MEMORY_POLICY_SET:
+        return True
+    if os.environ.get("KSHOT_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30)
+    except (OSError, AttributeError):
+        return False
+    _MEMORY_POLICY_SET = bool(ok)
+    return _MEMORY_POLICY_SET
 
 
 def twice_differentiable(enabled: bool = True):
@@ -316,6 +351,12 @@ class GradientLearner(Learner):
             warnings.warn(f"{type(self.model).__name__} cannot be batched over tasks with vmap "
                           f"({str(e).splitlines()[0][:160]}); looping over tasks instead", stacklevel=3)
             return None
+
+    def prepare_meta_batch(self) -> None:
+        """Called by ``meta_gradient`` before each meta-batch: on a CPU, keep freed memory for reuse
+        (:func:`keep_freed_memory`)."""
+        if not _MEMORY_POLICY_SET and next(self.model.parameters()).device.type == "cpu":
+            keep_freed_memory()
 
     def task_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each task's mean loss, ``[B]``, from batched outputs ``[B, n, ...]`` and targets."""

@@ -84,6 +84,7 @@ class MAML(GradientLearner):
         """
         if not tasks:
             raise ConfigError("a meta-batch needs at least one task")
+        self.prepare_meta_batch()
         mode = self.batch_mode(tasks)
         with twice_differentiable(not self.first_order):
             metrics = self.vmap_or_loop(self._meta_gradient_vmap, tasks, scale) if mode == "vmap" else None

@@ -38,6 +38,7 @@ class Reptile(GradientLearner):
         """
         if not tasks:
             raise ConfigError("a meta-batch needs at least one task")
+        self.prepare_meta_batch()
         meta = {n: p.detach() for n, p in self.meta_parameters().items()}
         mode = self.batch_mode(tasks)
         vmapped = self.vmap_or_loop(self._adapt_vmap, tasks, meta) if mode == "vmap" else None
