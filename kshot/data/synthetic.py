@@ -40,8 +40,8 @@ class SinusoidTasks:
     name = "sinusoid"
     #: One scalar input per example.
     example_shape: tuple[int, ...] = (1,)
-    #: A generated family has no dataset behind it (the trainer reads ``sampler.dataset``).
-    dataset = None
+    #: Not images read from files (checkpoints record this for ``kshot adapt``).
+    image_format = None
     #: The meta-loss of this family (learners read it to pick their loss).
     loss = "mse"
 
@@ -62,6 +62,11 @@ class SinusoidTasks:
     def __repr__(self) -> str:
         return (f"SinusoidTasks({self.shots}-shot, {self.queries} queries, seed={self.seed}, "
                 f"amplitude={self.amplitude}, phase={tuple(round(p, 4) for p in self.phase)})")
+
+    @property
+    def dataset(self) -> "SinusoidTasks":
+        """What the trainer reads a sampler's data description from: the family itself."""
+        return self
 
     def rng(self, step: int, index: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), int(index)])
