@@ -24,7 +24,8 @@ PAPER = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20_000, help="60-way training episodes per model")
+    parser.add_argument("--steps", default="20000",
+                        help="60-way training episodes per model (one number, or one per --shots value)")
     parser.add_argument("--shots", default="1,5", help="which models to train (comma-separated shots)")
     parser.add_argument("--train-split", default="train", choices=("train", "trainval"),
                         help="train on the train split (keeping the best meta-validation checkpoint) or on "
@@ -44,9 +45,15 @@ def main(argv=None) -> int:
 
     rows, meta = [], {}
     test_set = load_dataset("omniglot", "test", protocol="vinyals")
-    for shots in [int(s) for s in args.shots.split(",")]:
+    shot_counts = [int(s) for s in args.shots.split(",")]
+    steps = [int(s) for s in args.steps.split(",")]
+    if len(steps) == 1:
+        steps *= len(shot_counts)
+    if len(steps) != len(shot_counts):
+        parser.error("--steps: give one number, or one per --shots value")
+    for shots, n_steps in zip(shot_counts, steps):
         preset = f"protonet-omniglot-5way-{shots}shot"
-        overrides = dict(steps=args.steps, threads=args.threads, test_tasks=0, train_split=args.train_split)
+        overrides = dict(steps=n_steps, threads=args.threads, test_tasks=0, train_split=args.train_split)
         if args.train_split == "trainval":
             overrides["val_every"] = 0  # the val classes are trained on: the final weights are kept
         config = resolve_config(preset, overrides=overrides)

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
     for fn in (bare_round, learner_round):  # warm-up
         fn()
-    trainer_round(-1)
+    trainer_round(args.rounds)  # warm-up, on a seed the timed rounds do not use
     data_wait.clear()
     results = {"bare": [], "learner": [], "trainer": []}
     for r in range(args.rounds):

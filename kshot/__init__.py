@@ -8,6 +8,9 @@ The public API, in the order data flows through it::
     loss, metrics = learner.meta_loss(sampler.meta_batch(step=0))    # outer loop: loss.backward()
     predictor = learner.adapt(support_x, support_y)                  # a task -> a predictor
     result = kshot.evaluate(learner, kshot.fixed_tasks(test_set, 5, 1, 15))   # mean ± 95% CI
+    kshot.evaluate_checkpoint("runs/x", ways=5, shots=1)                      # what `kshot eval` does
+
+Learners: ProtoNet, Siamese, and on one functional inner loop MAML, FOMAML, MetaSGD, ANIL, Reptile.
 """
 
 __version__ = "0.1.0"
@@ -16,18 +19,19 @@ from kshot.checkpoint import load_checkpoint, load_learner, save_checkpoint
 from kshot.config import PRESETS, TrainConfig, resolve_config
 from kshot.data import ArrayDataset, FewShotDataset, LabelledDataset, Omniglot, load_dataset
 from kshot.errors import CheckpointError, ConfigError, DataError, KshotError
-from kshot.evaluate import EvalResult, evaluate
-from kshot.learners import Learner, Predictor, ProtoNet, Siamese, create_learner
+from kshot.evaluate import EvalResult, evaluate, evaluate_checkpoint
+from kshot.learners import (ANIL, FOMAML, MAML, Learner, MetaSGD, Predictor, ProtoNet, Reptile, Siamese,
+                            create_learner)
 from kshot.pairs import PairBatch, PairSampler
 from kshot.models import create_model, register_model
 from kshot.tasks import Task, TaskSampler, fixed_tasks
 from kshot.train import Trainer, train
 
 __all__ = [
-    "ArrayDataset", "CheckpointError", "ConfigError", "DataError", "EvalResult", "FewShotDataset",
-    "KshotError", "LabelledDataset", "Learner", "Omniglot", "PRESETS", "PairBatch", "PairSampler",
-    "Predictor", "ProtoNet", "Siamese",
-    "Task", "TaskSampler", "TrainConfig", "Trainer", "create_learner", "create_model", "evaluate",
-    "fixed_tasks", "load_checkpoint", "load_dataset", "load_learner", "register_model",
-    "resolve_config", "save_checkpoint", "train",
+    "ANIL", "ArrayDataset", "CheckpointError", "ConfigError", "DataError", "EvalResult", "FOMAML",
+    "FewShotDataset", "KshotError", "LabelledDataset", "Learner", "MAML", "MetaSGD", "Omniglot",
+    "PRESETS", "PairBatch", "PairSampler", "Predictor", "ProtoNet", "Reptile", "Siamese", "Task",
+    "TaskSampler", "TrainConfig", "Trainer", "create_learner", "create_model", "evaluate",
+    "evaluate_checkpoint", "fixed_tasks", "load_checkpoint", "load_dataset", "load_learner",
+    "register_model", "resolve_config", "save_checkpoint", "train",
 ]

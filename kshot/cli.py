@@ -106,57 +106,16 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- eval
 @command("eval", "accuracy of a checkpoint on fixed test tasks, mean ± 95% CI")
 def run_eval(args: argparse.Namespace) -> int:
-    from kshot.checkpoint import build_learner, load_checkpoint
-    from kshot.config import config_from_dict
-    from kshot.data import load_dataset
-    from kshot.data.synthetic import family_tasks, task_family
-    from kshot.errors import ConfigError
-    from kshot.evaluate import evaluate
-    from kshot.tasks import EVAL_SEED, fixed_tasks
-    from kshot.train import dataset_settings, resolve_device
+    from kshot.evaluate import evaluate_checkpoint
 
-    if args.tasks < MIN_TEST_TASKS:
-        raise ConfigError(f"--tasks {args.tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
-    ckpt = load_checkpoint(args.checkpoint)
-    config = config_from_dict(ckpt.config)
-    if args.dataset is not None and args.dataset != config.dataset and args.protocol is None:
-        config.protocol = ""  # the trained dataset's protocol means nothing to another dataset
-    for name in ("dataset", "protocol", "data_dir", "cache_dir", "image_size"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
-    ways = args.ways or config.eval_ways
-    shots = args.shots or config.eval_shots
-    learner = build_learner(ckpt).to(resolve_device(args.device))
-    seed = EVAL_SEED if args.seed is None else args.seed
-    within = config.test_within_groups if args.within_groups is None else args.within_groups
-    if task_family(config.dataset) is not None:  # generated tasks (sinusoid): their own fixed seeds
-        tasks = family_tasks(config.dataset, args.split, shots, args.queries, args.tasks, seed=args.seed)
-        shape = f"{shots}-shot, {args.queries} queries per task"
-    else:
-        settings = dataset_settings(config)
-        if "text_features" in ckpt.extra:  # featurise text exactly as in training
-            settings["features"] = ckpt.extra["text_features"]
-        dataset = load_dataset(config.dataset, args.split, **settings)
-        expected = ckpt.extra.get("example_shape")
-        if expected is not None and tuple(dataset.example_shape) != tuple(expected):
-            raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
-                              f"{config.dataset} gives {tuple(dataset.example_shape)}; evaluate on data "
-                              f"of the kind it was trained on")
-        if args.episodes == "variable":
-            from kshot.metadataset import fixed_episodes
-
-            if within:
-                raise ConfigError("--episodes variable draws classes from the whole split; "
-                                  "use --no-within-groups")
-            tasks = fixed_episodes(dataset, args.tasks, seed=seed)
-            shape = "variable-way variable-shot (Meta-Dataset episodes)"
-        else:
-            tasks = fixed_tasks(dataset, ways, shots, args.queries, args.tasks, seed=seed, within_groups=within)
-            shape = (f"{ways}-way {shots}-shot, {args.queries} queries per class"
-                     + (", classes of each task from one group" if within else ""))
-    result = evaluate(learner, tasks, device=args.device, progress=not args.quiet)
-    print(f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
-          f"{args.split}: {shape}")
+    _set_threads(args.threads)
+    evaluation = evaluate_checkpoint(
+        args.checkpoint, ways=args.ways, shots=args.shots, queries=args.queries, tasks=args.tasks,
+        split=args.split, seed=args.seed, within_groups=args.within_groups, episodes=args.episodes,
+        dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
+        data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
+    result = evaluation.result
+    print(evaluation.protocol)
     if result.is_regression:
         print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks)")
     else:
@@ -164,14 +123,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out:
         from kshot.data.archives import atomic_write_text
 
-        variable = args.episodes == "variable"
-        record = {"checkpoint": str(args.checkpoint), "split": args.split, "episodes": args.episodes,
-                  "ways": None if variable else ways, "shots": None if variable else shots,
-                  "queries": None if variable else args.queries, "dataset": config.dataset,
-                  "protocol": config.protocol, "within_groups": within,
-                  **result.summary()}
-        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(evaluation.record, indent=2) + "\n")
     return 0
+
+
+def _set_threads(threads: int) -> None:
+    """Torch's intra-op threads: on a shared machine 1 is often fastest (see docs/RESULTS.md)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @run_eval.arguments
@@ -196,6 +157,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", dest="cache_dir")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -252,6 +214,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     if args.shots is not None and args.shots < 1:
         from kshot.errors import ConfigError
         raise ConfigError(f"--shots must be at least 1, not {args.shots}")
+    _set_threads(args.threads)
     model, support, predictions = adapt_and_predict(
         args.checkpoint, args.support, args.query, shots=args.shots,
         device=resolve_device(args.device), batch_size=args.batch_size)
@@ -288,6 +251,7 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, dest="batch_size",
                    help="query examples per forward pass (default 256)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
 
 
 # ----------------------------------------------------------------------------- presets

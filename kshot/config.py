@@ -80,7 +80,7 @@ class TrainConfig:
     log_every: int = 50  # average training metrics over this many steps per log record
     test_tasks: int = 1000  # fixed test tasks evaluated with the best checkpoint at the end (0: skip)
     seed: int = 0  # seed of the model init and of the task stream
-    num_workers: int = 0  # DataLoader worker processes for task sampling (0: a background thread)
+    num_workers: int = 0  # DataLoader worker processes sampling tasks ahead (0: sample in the training process)
     threads: int = 0  # torch intra-op threads (0: torch's default)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     dist_timeout: float = 600.0  # distributed runs: seconds a process waits for the others before failing
@@ -117,6 +117,8 @@ class TrainConfig:
                               f"{self.inner_steps} and {self.test_inner_steps}")
         if self.inner_lr <= 0:
             raise ConfigError(f"inner_lr must be positive, not {self.inner_lr}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, not {self.seed}")
         if self.batch_tasks not in ("auto", "loop", "vmap", "batched"):
             raise ConfigError(f"unknown batch_tasks {self.batch_tasks!r}; choose auto, loop, vmap or batched")
         if self.optimizer not in ("adam", "adamw", "sgd"):

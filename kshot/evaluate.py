@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -104,3 +105,92 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
         learner.train(was_training)
     return EvalResult(np.array(accs, dtype=np.float64), np.array(losses),
                       {k: np.array(v) for k, v in traced.items() if len(v) == len(losses)})
+
+
+@dataclass
+class CheckpointEvaluation:
+    """What ``evaluate_checkpoint`` measured, and on which tasks (``protocol`` says it in words)."""
+
+    result: EvalResult
+    protocol: str
+    record: dict
+
+    def __str__(self) -> str:
+        return f"{self.protocol}\n{self.result}"
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: int = 0, queries: int = 15,
+                        tasks: int = 1000, split: str = "test", seed: int | None = None,
+                        within_groups: bool | None = None, episodes: str = "fixed",
+                        dataset: str | None = None, protocol: str | None = None,
+                        image_size: int | None = None, data_dir: str | None = None,
+                        cache_dir: str | None = None, device: str = "cpu",
+                        progress: bool = False) -> CheckpointEvaluation:
+    """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
+
+    Unset options take the run's own settings (its test ways and shots, its dataset and split
+    protocol, whether its tasks came from one class group); ``dataset`` evaluates across domains.
+    Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
+    """
+    from kshot.checkpoint import build_learner, load_checkpoint
+    from kshot.config import MIN_TEST_TASKS, config_from_dict
+    from kshot.data import load_dataset
+    from kshot.data.synthetic import family_tasks, task_family
+    from kshot.errors import ConfigError
+    from kshot.tasks import EVAL_SEED, fixed_tasks
+    from kshot.train import dataset_settings, resolve_device
+
+    if tasks < MIN_TEST_TASKS:
+        raise ConfigError(f"--tasks {tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
+    if episodes not in ("fixed", "variable"):
+        raise ConfigError(f"--episodes {episodes!r}: choose fixed or variable")
+    ckpt = load_checkpoint(checkpoint)
+    config = config_from_dict(ckpt.config)
+    if dataset is not None and dataset != config.dataset and protocol is None:
+        config.protocol = ""  # the trained dataset's protocol means nothing to another dataset
+    overrides = {"dataset": dataset, "protocol": protocol, "data_dir": data_dir, "cache_dir": cache_dir,
+                 "image_size": image_size}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
+    ways = ways or config.eval_ways
+    shots = shots or config.eval_shots
+    device = resolve_device(device)
+    learner = build_learner(ckpt).to(device)
+    within = config.test_within_groups if within_groups is None else within_groups
+    if task_family(config.dataset) is not None:  # generated tasks (sinusoid): their own fixed seeds
+        task_set = family_tasks(config.dataset, split, shots, queries, tasks, seed=seed)
+        shape = f"{shots}-shot, {queries} queries per task"
+    else:
+        settings = dataset_settings(config)
+        if "text_features" in ckpt.extra:  # featurise text exactly as in training
+            settings["features"] = ckpt.extra["text_features"]
+        data = load_dataset(config.dataset, split, **settings)
+        expected = ckpt.extra.get("example_shape")
+        if expected is not None and tuple(data.example_shape) != tuple(expected):
+            raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
+                              f"{config.dataset} gives {tuple(data.example_shape)}; evaluate on data "
+                              f"of the kind it was trained on")
+        task_seed = EVAL_SEED if seed is None else seed
+        if episodes == "variable":
+            from kshot.metadataset import fixed_episodes
+
+            if within:
+                raise ConfigError("--episodes variable draws classes from the whole split; "
+                                  "use --no-within-groups")
+            task_set = fixed_episodes(data, tasks, seed=task_seed)
+            shape = "variable-way variable-shot (Meta-Dataset episodes)"
+        else:
+            task_set = fixed_tasks(data, ways, shots, queries, tasks, seed=task_seed, within_groups=within)
+            shape = (f"{ways}-way {shots}-shot, {queries} queries per class"
+                     + (", classes of each task from one group" if within else ""))
+    result = evaluate(learner, task_set, device=device, progress=progress)
+    described = (f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
+                 f"{split}: {shape}")
+    variable = episodes == "variable"
+    record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split,
+              "episodes": episodes, "ways": None if variable else ways,
+              "shots": None if variable else shots, "queries": None if variable else queries,
+              "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
+              **result.summary()}
+    return CheckpointEvaluation(result, described, record)

@@ -90,6 +90,8 @@ class TaskSampler:
             if int(value) != value or value < low:
                 raise DataError(f"{name} must be an integer >= {low}, not {value!r}")
         self.dataset, self.ways, self.shots, self.queries = dataset, int(ways), int(shots), int(queries)
+        if int(seed) != seed or seed < 0:
+            raise DataError(f"seed must be a non-negative integer, not {seed!r}")
         self.seed, self.meta_batch_size = int(seed), int(meta_batch_size)
         examples = dataset.class_examples()
         counts = np.array([len(e) for e in examples], dtype=np.int64)

@@ -5,9 +5,6 @@ WORLD_SIZE, MASTER_ADDR, ...). For each learner of the spec, the rank computes t
 of the first meta-batch on its share of the tasks, averaged over ranks, then trains with the
 real Trainer: interrupted after ``stop_after`` steps and resumed to the end. It writes what it
 holds to ``<out>/<algo>-rank<r>.safetensors`` for the test to compare with one process's.
-
-Also home of :class:`TextbookMAML`, a plain second-order MAML used until the real ``maml``
-learner is registered in ``kshot.learners``.
 """
 
 from __future__ import annotations
@@ -17,40 +14,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.func import functional_call
 
 from kshot.config import TrainConfig
 from kshot.data import load_dataset
 from kshot.errors import ConfigError, KshotError
 from kshot.learners import LEARNERS
-from kshot.learners.base import Learner, Predictor
 from kshot.tasks import fixed_tasks
 from kshot.train import Trainer, build_learner, dataset_settings
-
-
-class TextbookMAML(Learner):
-    """Second-order MAML (Finn, Abbeel and Levine 2017) with one inner SGD step, written plainly:
-    the inner step is differentiated through (``create_graph``) while training."""
-
-    algo = "textbook-maml"
-    inner_lr = 0.4
-
-    @classmethod
-    def backbone_overrides(cls, config) -> dict:
-        return {"out_features": config.ways, "track_running_stats": False}
-
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, ways: int | None = None) -> Predictor:
-        ways = int(support_y.max()) + 1 if ways is None else ways
-        params = dict(self.model.named_parameters())
-        with torch.enable_grad():
-            loss = F.cross_entropy(functional_call(self.model, params, (support_x,)), support_y)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=self.training)
-        fast = {name: p - self.inner_lr * g for (name, p), g in zip(params.items(), grads)}
-        if not self.training:
-            fast = {name: t.detach() for name, t in fast.items()}
-        return Predictor(lambda x: functional_call(self.model, fast, (x,)), ways)
 
 
 def few_test_tasks(config: TrainConfig, n_tasks: int):
@@ -108,7 +79,6 @@ def main(spec_path: str) -> int:
     from kshot.distributed import launch
 
     spec = json.loads(Path(spec_path).read_text())
-    LEARNERS.setdefault(TextbookMAML.algo, TextbookMAML)
     configs = [TrainConfig(**case["config"]) for case in spec["cases"]]
     with launch(configs[0].device, configs[0].dist_timeout, configs[0].meta_batch_size) as dist:
         for case in spec["cases"]:

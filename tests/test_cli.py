@@ -62,6 +62,8 @@ def test_unknown_preset_and_bad_settings_are_one_line(tmp_path):
                           "unknown preset")
     assert_one_line_error(kshot("train", "--preset", "quick", "--optimizer", "lbfgs", "--run-dir", str(tmp_path)),
                           "unknown optimizer")
+    assert_one_line_error(kshot("train", "--preset", "quick", "--seed", "-1", "--run-dir", str(tmp_path)),
+                          "seed must be a non-negative integer")
     config = tmp_path / "bad.toml"
     config.write_text("ways = 'five'\n")
     assert_one_line_error(kshot("train", "--config", str(config), "--run-dir", str(tmp_path)),
