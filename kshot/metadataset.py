@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch
 from kshot.data.base import FewShotDataset
 from kshot.data.multisource import MultiSourceDataset
 from kshot.errors import ConfigError, DataError
-from kshot.tasks import EVAL_SEED, FixedTasks, MetaBatch, Task, TaskSampler, TaskStream, _smallest
+from kshot.tasks import EVAL_SEED, FixedTasks, Task, TaskSampler, TaskSource, _smallest
 
 #: Kinds of training task: ``fixed`` N-way K-shot, or ``variable`` (this module's episodes).
 EPISODES = ("fixed", "variable")
@@ -96,44 +96,13 @@ class Episode:
         return len(self.classes)
 
 
-class _TaskSource:
-    """What the trainer needs from any task sampler, given ``task(step, index)``."""
-
-    dataset: FewShotDataset
-    meta_batch_size: int
-
-    def task(self, step: int, index: int = 0) -> Task:
-        raise NotImplementedError
-
-    @property
-    def example_shape(self) -> tuple[int, ...]:
-        return tuple(self.dataset.example_shape)
-
-    def meta_batch(self, step: int, indices: Sequence[int] | None = None) -> MetaBatch:
-        """Tasks ``(step, i)`` for ``i`` in ``indices`` (default: the whole meta-batch)."""
-        if indices is None:
-            indices = range(self.meta_batch_size)
-        return [self.task(step, i) for i in indices]
-
-    def __iter__(self) -> Iterator[MetaBatch]:
-        step = 0
-        while True:
-            yield self.meta_batch(step)
-            step += 1
-
-    def stream(self, start: int = 0, stop: int | None = None,
-               indices: Sequence[int] | None = None) -> TaskStream:
-        """Meta-batches ``start..stop-1`` as an IterableDataset for a DataLoader."""
-        return TaskStream(self, start, stop, indices)  # type: ignore[arg-type]
-
-
 def _check_int(name: str, value, low: int) -> int:
     if int(value) != value or value < low:
         raise DataError(f"{name} must be an integer >= {low}, not {value!r}")
     return int(value)
 
 
-class VariableTaskSampler(_TaskSource):
+class VariableTaskSampler(TaskSource):
     """Meta-Dataset episodes (variable ways, shots and class balance) from one dataset.
 
     Args:
@@ -210,7 +179,7 @@ class VariableTaskSampler(_TaskSource):
                     classes=torch.from_numpy(ep.classes))
 
 
-class MultiSourceSampler(_TaskSource):
+class MultiSourceSampler(TaskSource):
     """Tasks from a :class:`MultiSourceDataset`, each from the classes of one source.
 
     Args:
@@ -225,7 +194,7 @@ class MultiSourceSampler(_TaskSource):
     """
 
     def __init__(self, dataset: MultiSourceDataset,
-                 make_sampler: Callable[[FewShotDataset, int], _TaskSource | TaskSampler],
+                 make_sampler: Callable[[FewShotDataset, int], TaskSource | TaskSampler],
                  seed: int = 0, meta_batch_size: int = 1,
                  weights: str | Sequence[float] = "uniform"):
         if not isinstance(dataset, MultiSourceDataset):
@@ -289,7 +258,7 @@ def source_probabilities(dataset: MultiSourceDataset, weights: str | Sequence[fl
 def task_sampler(dataset: FewShotDataset, episodes: str = "fixed", ways: int = 5, shots: int = 1,
                  queries: int = 15, seed: int = 0, meta_batch_size: int = 1,
                  source_weights: str | Sequence[float] = "uniform",
-                 bounds: EpisodeBounds | None = None) -> _TaskSource | TaskSampler:
+                 bounds: EpisodeBounds | None = None) -> TaskSource | TaskSampler:
     """The sampler for ``episodes`` tasks from ``dataset``, one source per task if it has several.
 
     ``fixed``: ``ways``-way ``shots``-shot tasks with ``queries`` per class. ``variable``:
@@ -309,7 +278,7 @@ def task_sampler(dataset: FewShotDataset, episodes: str = "fixed", ways: int = 5
     return single(dataset, seed)
 
 
-def sampler_from_config(config, dataset: FewShotDataset) -> _TaskSource | TaskSampler:
+def sampler_from_config(config, dataset: FewShotDataset) -> TaskSource | TaskSampler:
     """Training tasks as a :class:`~kshot.config.TrainConfig` asks (``episodes``, ``source_weights``)."""
     return task_sampler(dataset, getattr(config, "episodes", "fixed"), config.ways, config.shots,
                         config.queries, seed=config.seed, meta_batch_size=config.meta_batch_size,

@@ -64,7 +64,40 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor, torc
                  for f in ("support_x", "support_y", "query_x", "query_y"))
 
 
-class TaskSampler:
+class TaskSource:
+    """What the trainer needs from any source of tasks, given ``task(step, index)``: meta-batches,
+    iteration, and a stream for DataLoader workers. Samplers of labelled datasets, Meta-Dataset
+    episodes and generated task families all build on it."""
+
+    dataset: FewShotDataset
+    meta_batch_size: int
+
+    def task(self, step: int, index: int = 0) -> Task:
+        raise NotImplementedError
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.example_shape)
+
+    def meta_batch(self, step: int, indices: Sequence[int] | None = None) -> MetaBatch:
+        """Tasks ``(step, i)`` for ``i`` in ``indices`` (default: the whole meta-batch)."""
+        if indices is None:
+            indices = range(self.meta_batch_size)
+        return [self.task(step, i) for i in indices]
+
+    def __iter__(self) -> Iterator[MetaBatch]:
+        step = 0
+        while True:
+            yield self.meta_batch(step)
+            step += 1
+
+    def stream(self, start: int = 0, stop: int | None = None,
+               indices: Sequence[int] | None = None) -> "TaskStream":
+        """Meta-batches ``start..stop-1`` as an IterableDataset for a DataLoader."""
+        return TaskStream(self, start, stop, indices)  # type: ignore[arg-type]
+
+
+class TaskSampler(TaskSource):
     """Draws N-way K-shot tasks with Q queries per class, reproducibly from a seed.
 
     Args:
@@ -143,10 +176,6 @@ class TaskSampler:
         return (f"TaskSampler({self.ways}-way {self.shots}-shot, {self.queries} queries, "
                 f"seed={self.seed}, classes={len(self._eligible)}{within})")
 
-    @property
-    def example_shape(self) -> tuple[int, ...]:
-        return self.dataset.example_shape
-
     def rng(self, step: int, index: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), int(index)])
 
@@ -175,22 +204,6 @@ class TaskSampler:
                     query_x=x[n_support:], query_y=labels.repeat_interleave(self.queries),
                     classes=torch.from_numpy(classes))
 
-    def meta_batch(self, step: int, indices: Sequence[int] | None = None) -> MetaBatch:
-        """Tasks ``(step, i)`` for ``i`` in ``indices`` (default: the whole meta-batch)."""
-        if indices is None:
-            indices = range(self.meta_batch_size)
-        return [self.task(step, i) for i in indices]
-
-    def __iter__(self) -> Iterator[MetaBatch]:
-        step = 0
-        while True:
-            yield self.meta_batch(step)
-            step += 1
-
-    def stream(self, start: int = 0, stop: int | None = None,
-               indices: Sequence[int] | None = None) -> "TaskStream":
-        """Meta-batches ``start..stop-1`` as an IterableDataset for a DataLoader."""
-        return TaskStream(self, start, stop, indices)
 
 
 def _smallest(keys: np.ndarray, k: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -35,7 +36,15 @@ def test_eval_prints_mean_and_confidence_interval(trained_run, tmp_path):
     match = re.search(r"accuracy (\d+\.\d+) ± (\d+\.\d+) % \(95% CI over 600 tasks\)", result.stdout)
     assert match, result.stdout
     assert 60 < float(match.group(1)) <= 100 and 0 < float(match.group(2)) < 5
-    assert '"tasks": 600' in out.read_text()
+    record = json.loads(out.read_text())
+    assert record["tasks"] == 600 and record["ways"] == 5 and record["algo"] == "protonet"
+    # The command is the API's evaluate_checkpoint, which is evaluate() on the fixed test tasks.
+    from kshot import evaluate, evaluate_checkpoint, fixed_tasks, load_dataset, load_learner
+
+    api = evaluate_checkpoint(run_dir, ways=5, shots=1, queries=5, tasks=600)
+    assert api.record["acc"] == pytest.approx(record["acc"], abs=1e-12)
+    direct = evaluate(load_learner(run_dir), fixed_tasks(load_dataset("omniglot", "test"), 5, 1, 5, 600))
+    assert direct.mean == pytest.approx(record["acc"], abs=1e-12)
 
 
 def test_eval_refuses_fewer_than_600_tasks(trained_run):

@@ -14,19 +14,19 @@ empty and the targets are float tensors ``[n, 1]``.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from kshot.errors import ConfigError, DataError
-from kshot.tasks import EVAL_SEED, FixedTasks, MetaBatch, Task, TaskStream
+from kshot.tasks import EVAL_SEED, FixedTasks, Task, TaskSource
 
 #: Seeds of the fixed evaluation tasks of generated families (training uses the config's seed).
 SPLIT_SEEDS = {"val": EVAL_SEED + 1, "test": EVAL_SEED, "trainval": EVAL_SEED + 2, "train": EVAL_SEED + 3}
 
 
-class SinusoidTasks:
+class SinusoidTasks(TaskSource):
     """Sinusoid regression tasks with K support and Q query points each.
 
     Args:
@@ -94,23 +94,6 @@ class SinusoidTasks:
         k = self.shots
         return Task(support_x=xy[0, :k], support_y=xy[1, :k], query_x=xy[0, k:], query_y=xy[1, k:],
                     classes=torch.empty(0, dtype=torch.int64))
-
-    def meta_batch(self, step: int, indices: Sequence[int] | None = None) -> MetaBatch:
-        """Tasks ``(step, i)`` for ``i`` in ``indices`` (default: the whole meta-batch)."""
-        if indices is None:
-            indices = range(self.meta_batch_size)
-        return [self.task(step, i) for i in indices]
-
-    def __iter__(self) -> Iterator[MetaBatch]:
-        step = 0
-        while True:
-            yield self.meta_batch(step)
-            step += 1
-
-    def stream(self, start: int = 0, stop: int | None = None,
-               indices: Sequence[int] | None = None) -> TaskStream:
-        """Meta-batches ``start..stop-1`` as an IterableDataset for a DataLoader."""
-        return TaskStream(self, start, stop, indices)  # type: ignore[arg-type]
 
     def fixed_tasks(self, n_tasks: int) -> FixedTasks:
         """``n_tasks`` tasks of this stream: task i is ``(i, 0)``."""

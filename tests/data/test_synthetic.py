@@ -13,13 +13,8 @@ from kshot.errors import DataError
 from kshot.tasks import identity_collate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only wait for each other (badly so on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: more threads only wait for each other (badly so on a shared machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tasks_follow_the_papers_distribution():

@@ -13,13 +13,8 @@ from kshot.learners.inner_loop import InnerLoop
 from kshot.tasks import Task
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only wait for each other (badly so on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: more threads only wait for each other (badly so on a shared machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_mlp(seed: int = 0) -> nn.Sequential:

@@ -19,13 +19,8 @@ from kshot.config import resolve_config
 from kshot.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only wait for each other (badly so on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: more threads only wait for each other (badly so on a shared machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ROOT = Path(__file__).resolve().parents[2]

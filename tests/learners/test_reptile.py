@@ -14,13 +14,8 @@ from kshot.models import create_model
 from kshot.tasks import TaskSampler
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only wait for each other (badly so on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: more threads only wait for each other (badly so on a shared machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sgd_by_hand(model, x, y, steps, lr, loss_fn):
