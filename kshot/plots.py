@@ -29,6 +29,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and value == value
+
+
 def plot_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     """Training loss/accuracy and validation accuracy (with its 95% CI) against outer steps."""
     records = read_metrics(metrics_path)
@@ -44,15 +48,24 @@ def plot_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
         ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="meta-val")
     ax_loss.set(xlabel="outer step", ylabel="loss", title="query loss")
     ax_loss.legend()
-    if train and "acc" in train[0]:
-        ax_acc.plot([r["step"] for r in train], [100 * r["acc"] for r in train], label="train (query)")
-    if val and "acc" in val[0]:
-        steps = [r["step"] for r in val]
-        acc = [100 * r["acc"] for r in val]
-        ci = [100 * r.get("acc_ci95", 0.0) for r in val]
-        ax_acc.errorbar(steps, acc, yerr=ci, fmt="o-", capsize=3, label="meta-val ± 95% CI")
-    ax_acc.set(xlabel="outer step", ylabel="accuracy (%)", title="accuracy")
-    ax_acc.legend()
+    if any(_finite(r.get("acc")) for r in train + val):
+        if train and "acc" in train[0]:
+            ax_acc.plot([r["step"] for r in train], [100 * r["acc"] for r in train], label="train (query)")
+        if val and "acc" in val[0]:
+            steps = [r["step"] for r in val]
+            acc = [100 * r["acc"] for r in val]
+            ci = [100 * r.get("acc_ci95", 0.0) for r in val]
+            ax_acc.errorbar(steps, acc, yerr=ci, fmt="o-", capsize=3, label="meta-val ± 95% CI")
+        ax_acc.set(xlabel="outer step", ylabel="accuracy (%)", title="accuracy")
+        ax_acc.legend()
+    else:  # regression: how far adapting lowers the query loss, inner step by inner step
+        inner = sorted({int(k[len("query_loss_step"):]) for r in val for k in r if k.startswith("query_loss_step")})
+        for k in inner:
+            ax_acc.plot([r["step"] for r in val], [r.get(f"query_loss_step{k}") for r in val], "o-",
+                        label="meta-parameters" if k == 0 else f"after {k} inner step{'s' * (k > 1)}")
+        ax_acc.set(xlabel="outer step", ylabel="meta-val query loss", title="within task", yscale="log")
+        if inner:
+            ax_acc.legend()
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -118,7 +131,11 @@ def plot_regression_fits(learner, panels, out: str | Path, steps=None) -> Path:
                         label="meta-init" if k == 0 else f"{k} step{'s' if k > 1 else ''}")
             ax.plot(task.support_x[:, 0].cpu(), task.support_y[:, 0].cpu(), "^", color="tab:purple",
                     ms=8, label="support")
-            ax.set(title=title, xlabel="x")
+            # Frame the true curve: a prediction that diverges (too many steps at a learned rate)
+            # leaves the frame instead of flattening the others.
+            low, high = float(truth.min()), float(truth.max())
+            margin = 0.5 * max(high - low, 1.0)
+            ax.set(title=title, xlabel="x", ylim=(low - margin, high + margin))
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         out = Path(out)
