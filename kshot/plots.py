@@ -17,6 +17,18 @@ def _pyplot():
     return plt
 
 
+def _save(fig, out: str | Path) -> Path:
+    """Write ``fig`` to the PNG ``out`` atomically and close it."""
+    out = Path(out)
+    try:
+        fig.tight_layout()
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        _pyplot().close(fig)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     records = []
     path = Path(path)
@@ -66,12 +78,7 @@ def plot_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
         ax_acc.set(xlabel="outer step", ylabel="meta-val query loss", title="within task", yscale="log")
         if inner:
             ax_acc.legend()
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_roc(curves: dict, out: str | Path) -> Path:
@@ -93,12 +100,7 @@ def plot_roc(curves: dict, out: str | Path) -> Path:
            ylabel="true-positive rate (same pairs called same)", title="verification ROC",
            xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_regression_fits(learner, panels, out: str | Path, steps=None) -> Path:
