@@ -115,7 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
         dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
         data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
     result = evaluation.result
-    print(evaluation.protocol)
+    print(evaluation.description)
     if result.is_regression:
         print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks)")
     else:

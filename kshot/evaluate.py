@@ -109,14 +109,14 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
 
 @dataclass
 class CheckpointEvaluation:
-    """What ``evaluate_checkpoint`` measured, and on which tasks (``protocol`` says it in words)."""
+    """What ``evaluate_checkpoint`` measured, and on which tasks (``description`` says it in words)."""
 
     result: EvalResult
-    protocol: str
+    description: str
     record: dict
 
     def __str__(self) -> str:
-        return f"{self.protocol}\n{self.result}"
+        return f"{self.description}\n{self.result}"
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: int = 0, queries: int = 15,

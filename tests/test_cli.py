@@ -30,7 +30,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> 
 def test_eval_prints_mean_and_confidence_interval(trained_run, tmp_path):
     run_dir, _ = trained_run
     out = tmp_path / "eval.json"
-    result = kshot("eval", str(run_dir), "--ways", "5", "--shots", "1", "--queries", "5", "--tasks", "600", "--quiet",
+    result = kshot("eval", str(run_dir), "--ways", "5", "--shots", "1", "--queries", "5", "--tasks", "600", "--quiet", "--threads", "1",
                    "--out", str(out))
     assert result.returncode == 0, result.stderr
     match = re.search(r"accuracy (\d+\.\d+) ± (\d+\.\d+) % \(95% CI over 600 tasks\)", result.stdout)
