@@ -38,16 +38,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kshot.checkpoint import load_checkpoint, load_learner
+from kshot.runs.build import load_learner
+from kshot.services.checkpoint import load_checkpoint
 from kshot.config import resolve_config
 from kshot.data import load_dataset
-from kshot.data.archives import atomic_path, atomic_write_text
-from kshot.evaluate import evaluate
+from kshot.services.files import atomic_path, atomic_write_text
+from kshot.runs.evaluate import evaluate
 from kshot.learners import ProtoNet
-from kshot.metadataset import fixed_episodes
+from kshot.tasks import fixed_episodes
 from kshot.models import create_model
 from kshot.tasks import fixed_tasks
-from kshot.train import train
+from kshot.runs.train import train
 
 TARGETS = ("clinc150", "banking77")
 SOURCES = {  # key -> (row name, preset, settings on top of it)

@@ -77,8 +77,8 @@ def allreduce_worker(iterations: int) -> None:
     import torch.distributed as dist
 
     from kshot.config import TrainConfig
-    from kshot.distributed import launch
-    from kshot.train import build_learner
+    from kshot.services.distributed import launch
+    from kshot.runs.build import build_learner
 
     with launch("cpu") as d:
         learner = build_learner(TrainConfig(), (1, 28, 28))

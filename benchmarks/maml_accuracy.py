@@ -44,13 +44,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kshot.checkpoint import load_learner
     from kshot.config import PRESETS, resolve_config
     from kshot.data import load_dataset
-    from kshot.data.synthetic import family_sampler, family_tasks, task_family
-    from kshot.evaluate import evaluate
-    from kshot.tasks import fixed_tasks
-    from kshot.train import dataset_settings, train
+    from kshot.runs.build import dataset_settings, load_learner
+    from kshot.runs.evaluate import evaluate
+    from kshot.runs.train import train
+    from kshot.tasks import family_sampler, family_tasks, fixed_tasks, task_family
 
     overrides = dict(parse_override(s) for s in args.set)
     config = resolve_config(args.preset, overrides=overrides)

@@ -36,12 +36,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from kshot.checkpoint import load_learner
+    from kshot.services.checkpoint import load_learner
     from kshot.config import resolve_config
     from kshot.data import load_dataset
-    from kshot.evaluate import evaluate
+    from kshot.runs.evaluate import evaluate
     from kshot.tasks import fixed_tasks
-    from kshot.train import train
+    from kshot.runs.train import train
 
     rows, meta = [], {}
     test_set = load_dataset("omniglot", "test", protocol="vinyals")

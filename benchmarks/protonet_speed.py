@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from kshot.learners import ProtoNet
     from kshot.models import create_model
     from kshot.tasks import TaskSampler
-    from kshot.train import Trainer
+    from kshot.runs.train import Trainer
 
     dataset = load_dataset("omniglot", "train")
     sampler = TaskSampler(dataset, args.ways, args.shots, args.queries, seed=0)

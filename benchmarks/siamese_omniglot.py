@@ -40,15 +40,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kshot.checkpoint import load_checkpoint, load_learner
+from kshot.runs.build import load_learner
+from kshot.services.checkpoint import load_checkpoint
 from kshot.config import PRESETS, TrainConfig, resolve_config
 from kshot.data import load_dataset
-from kshot.data.archives import atomic_path, atomic_write_text
-from kshot.evaluate import evaluate
-from kshot.pairs import PairSampler
+from kshot.services.files import atomic_path, atomic_write_text
+from kshot.runs.evaluate import evaluate
+from kshot.tasks.pairs import PairSampler
 from kshot.tasks import fixed_tasks
-from kshot.train import dataset_settings, train
-from kshot.verification import VerificationReport
+from kshot.runs.build import dataset_settings
+from kshot.runs.train import train
+from kshot.learners.verification import VerificationReport
 
 #: learner -> (preset it starts from, its own overrides). Every learner then gets PROTOCOL.
 LEARNER_SETTINGS = {
@@ -132,7 +134,7 @@ def verification_on_test_pairs(learner, args, run_dir: Path) -> dict:
     val = json.loads((run_dir / "verification.json").read_text())
     val_report = VerificationReport(np.array(val["roc"]["fpr"]), np.array(val["roc"]["tpr"]), np.array([]),
                                     val["eer"], val["threshold"], val["auc"], val["pairs"], split="val")
-    from kshot.plots import plot_roc
+    from kshot.services.plots import plot_roc
 
     plot_roc({f"validation alphabets ({val['pairs']} pairs)": val_report,
               f"evaluation alphabets ({n_pairs} pairs)": report}, Path(args.out) / "roc.png")
@@ -141,7 +143,7 @@ def verification_on_test_pairs(learner, args, run_dir: Path) -> dict:
 
 
 def plot_accuracies(rows: list[dict], out: Path) -> None:
-    from kshot.plots import _pyplot
+    from kshot.services.plots import _pyplot
 
     if not any(r.get("acc") is not None for r in rows):
         return

@@ -15,17 +15,17 @@ Learners: ProtoNet, Siamese, and on one functional inner loop MAML, FOMAML, Meta
 
 __version__ = "0.1.0"
 
-from kshot.checkpoint import load_checkpoint, load_learner, save_checkpoint
 from kshot.config import PRESETS, TrainConfig, resolve_config
 from kshot.data import ArrayDataset, FewShotDataset, LabelledDataset, Omniglot, load_dataset
 from kshot.errors import CheckpointError, ConfigError, DataError, KshotError
-from kshot.evaluate import EvalResult, evaluate, evaluate_checkpoint
 from kshot.learners import (ANIL, FOMAML, MAML, Learner, MetaSGD, Predictor, ProtoNet, Reptile, Siamese,
                             create_learner)
-from kshot.pairs import PairBatch, PairSampler
 from kshot.models import create_model, register_model
-from kshot.tasks import Task, TaskSampler, fixed_tasks
-from kshot.train import Trainer, train
+from kshot.tasks import PairBatch, PairSampler, Task, TaskSampler, fixed_tasks
+from kshot.runs.build import load_learner
+from kshot.runs.evaluate import EvalResult, evaluate, evaluate_checkpoint
+from kshot.runs.train import Trainer, train
+from kshot.services.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "ANIL", "ArrayDataset", "CheckpointError", "ConfigError", "DataError", "EvalResult", "FOMAML",

@@ -66,7 +66,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 @command("train", "meta-train a learner (resumes the run in --run-dir if there is one)")
 def run_train(args: argparse.Namespace) -> int:
     from kshot.config import resolve_config
-    from kshot.train import train
+    from kshot.runs.train import train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
     config = resolve_config(args.preset, args.config, overrides)
@@ -106,7 +106,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- eval
 @command("eval", "accuracy of a checkpoint on fixed test tasks, mean ± 95% CI")
 def run_eval(args: argparse.Namespace) -> int:
-    from kshot.evaluate import evaluate_checkpoint
+    from kshot.runs.evaluate import evaluate_checkpoint
 
     _set_threads(args.threads)
     evaluation = evaluate_checkpoint(
@@ -121,7 +121,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
     if args.out:
-        from kshot.data.archives import atomic_write_text
+        from kshot.services.files import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(evaluation.record, indent=2) + "\n")
     return 0
@@ -166,7 +166,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     import torch
 
-    from kshot.checkpoint import build_learner, load_checkpoint
+    from kshot.runs.build import learner_from_checkpoint
+    from kshot.services.checkpoint import load_checkpoint
     from kshot.data.images import ImageFormat
     from kshot.errors import CheckpointError, ConfigError
 
@@ -179,7 +180,7 @@ def run_verify(args: argparse.Namespace) -> int:
                               f"on, so image files cannot be read for it")
     fmt = ImageFormat.from_dict(ckpt.extra["image_format"])
     first, second = fmt.read(args.first), fmt.read(args.second)
-    learner = build_learner(ckpt).eval()
+    learner = learner_from_checkpoint(ckpt).eval()
     if args.threshold is not None:
         how = "given"
         learner.threshold.fill_(learner.from_display(args.threshold))
@@ -208,8 +209,8 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- adapt
 @command("adapt", "adapt a trained learner to your own classes and predict your query files")
 def run_adapt(args: argparse.Namespace) -> int:
-    from kshot.adapt import adapt_and_predict
-    from kshot.train import resolve_device
+    from kshot.runs.adapt import adapt_and_predict
+    from kshot.runs.build import resolve_device
 
     if args.shots is not None and args.shots < 1:
         from kshot.errors import ConfigError
@@ -295,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(args.run(args) or 0)
         except KshotError as e:
-            from kshot.distributed import rank_label
+            from kshot.services.distributed import rank_label
 
             print(f"kshot: error: {rank_label()}{e}", file=sys.stderr)
             return 2

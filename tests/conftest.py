@@ -137,7 +137,7 @@ def trained_run(tmp_path_factory, cache_dir):
     """A short real ProtoNet run, shared by the training and CLI tests: Omniglot 5-way 1-shot,
     300 outer steps, tested on 600 fixed tasks."""
     from kshot.config import resolve_config
-    from kshot.train import train
+    from kshot.runs.train import train
 
     run_dir = tmp_path_factory.mktemp("run") / "quick"
     config = resolve_config("quick", overrides=dict(steps=300, val_every=150, val_tasks=100, test_tasks=600,
@@ -170,7 +170,7 @@ def siamese_run(tmp_path_factory, cache_dir) -> Path:
     48 pairs, threshold calibrated on 1,000 pairs), shared by the Siamese and ``kshot verify`` tests."""
     import kshot.learners.siamese
     from kshot.config import resolve_config
-    from kshot.train import train
+    from kshot.runs.train import train
 
     config = resolve_config(overrides=dict(
         algo="siamese", protocol="lake", backbone_options={"hidden": 32}, pairs=48, steps=100,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from kshot.checkpoint import load_checkpoint
+from kshot.services.checkpoint import load_checkpoint
 from kshot.cli import main
 from kshot.config import TrainConfig
 from kshot.data import ArrayDataset, load_dataset
-from kshot.metadataset import task_sampler
+from kshot.tasks import task_sampler
 from kshot.tasks import TaskSampler
-from kshot.train import train
+from kshot.runs.train import train
 
 TINY = ["--steps", "4", "--val-every", "2", "--val-tasks", "10", "--checkpoint-every", "2",
         "--test-tasks", "0", "--threads", "1", "--quiet", "--no-resume"]

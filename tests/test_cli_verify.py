@@ -9,7 +9,8 @@ import zipfile
 import pytest
 import torch
 
-from kshot.checkpoint import load_learner, save_checkpoint
+from kshot.runs.build import load_learner
+from kshot.services.checkpoint import save_checkpoint
 from kshot.cli import main
 from kshot.data.images import ImageFormat
 from kshot.learners import ProtoNet

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kshot.checkpoint import load_learner, save_checkpoint
+from kshot.runs.build import load_learner
+from kshot.services.checkpoint import save_checkpoint
 from kshot.data import load_dataset
 from kshot.learners import ProtoNet
 from kshot.models import create_model, input_kwargs

@@ -32,7 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kshot.data.archives import atomic_path, atomic_write_text, cache_dir as resolve_cache_dir, file_lock
+from kshot.data.archives import cache_dir as resolve_cache_dir
+from kshot.services.files import atomic_path, atomic_write_text, file_lock
 from kshot.data.base import FewShotDataset
 from kshot.data.images import IMAGE_SUFFIXES, ImageFormat
 from kshot.data.splits import natural_key

@@ -30,7 +30,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kshot.data.archives import atomic_path, atomic_write_text, cache_dir, data_dir, file_lock
+from kshot.data.archives import cache_dir, data_dir
+from kshot.services.files import atomic_path, atomic_write_text, file_lock
 from kshot.data.base import FewShotDataset
 from kshot.data.folders import decode_images
 from kshot.data.images import ImageFormat

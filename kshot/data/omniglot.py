@@ -30,11 +30,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kshot.data.archives import (RemoteFile, atomic_path, cache_dir, file_lock, find_archive,
-                                 open_zip)
+from kshot.data.archives import RemoteFile, cache_dir, find_archive, open_zip
 from kshot.data.base import FewShotDataset
 from kshot.data.images import ImageFormat
 from kshot.errors import DataError
+from kshot.services.files import atomic_path, file_lock
 
 _BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 ARCHIVES = {

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kshot.data.archives import atomic_write_text
+from kshot.services.files import atomic_write_text
 from kshot.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kshot.models import create_model, input_kwargs
+from kshot.models import create_model, input_kwargs, model_spec
 from kshot.tasks import Task, TaskSampler
 
 
@@ -112,7 +112,7 @@ class Learner(nn.Module, ABC):
     def make_sampler(cls, config, dataset) -> TaskSampler:
         """The source of training tasks for this algorithm: N-way K-shot tasks by default, or
         Meta-Dataset episodes (``config.episodes == "variable"``); one source per task."""
-        from kshot.metadataset import sampler_from_config
+        from kshot.tasks.sources import sampler_from_config
 
         return sampler_from_config(config, dataset)
 
@@ -125,6 +125,10 @@ class Learner(nn.Module, ABC):
     def options(self) -> dict:
         """The learner's own settings (everything but the model), as saved in checkpoints."""
         return {}
+
+    def spec(self) -> dict:
+        """What a checkpoint records to rebuild this learner: algorithm, options, backbone."""
+        return {"algo": self.algo, "options": self.options(), "model": model_spec(self.model)}
 
     def query_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels)

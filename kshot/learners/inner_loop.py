@@ -216,7 +216,7 @@ class AdaptedPredictor(Predictor):
         return out
 
 
-def _param_key(name: str) -> str:
+def param_key(name: str) -> str:
     """A ParameterDict key for a parameter name (which may not contain dots)."""
     return name.replace(".", "__")
 
@@ -270,7 +270,7 @@ class GradientLearner(Learner):
     # ------------------------------------------------------------------ settings
     @classmethod
     def backbone_overrides(cls, config) -> dict:
-        from kshot.data.synthetic import task_family
+        from kshot.tasks.families import task_family
         from kshot.models import backbone_arguments
 
         family = task_family(config.dataset)
@@ -283,7 +283,7 @@ class GradientLearner(Learner):
 
     @classmethod
     def from_config(cls, config, example_shape: Sequence[int]) -> "GradientLearner":
-        from kshot.data.synthetic import task_family
+        from kshot.tasks.families import task_family
         from kshot.models import create_model, input_kwargs
 
         kwargs = {**input_kwargs(config.backbone, example_shape), **cls.backbone_overrides(config),

@@ -25,7 +25,7 @@ from torch import nn
 
 from kshot.config import register_preset
 from kshot.errors import ConfigError
-from kshot.learners.inner_loop import GradientLearner, _param_key, twice_differentiable
+from kshot.learners.inner_loop import GradientLearner, param_key, twice_differentiable
 from kshot.tasks import Task, stack_tasks
 
 
@@ -205,14 +205,14 @@ class MetaSGD(MAML):
             rate = torch.full_like(params[name], self.inner_lr, requires_grad=False)
             if self.metasgd_lr_high > self.inner_lr:
                 rate.uniform_(self.inner_lr, self.metasgd_lr_high)
-            rates[_param_key(name)] = nn.Parameter(rate)
+            rates[param_key(name)] = nn.Parameter(rate)
         self.inner_lrs = nn.ParameterDict(rates)
 
     def options(self) -> dict:
         return {**super().options(), "metasgd_lr_high": self.metasgd_lr_high}
 
     def learning_rates(self) -> dict[str, torch.Tensor]:
-        return {name: self.inner_lrs[_param_key(name)] for name in self.adapted_names}
+        return {name: self.inner_lrs[param_key(name)] for name in self.adapted_names}
 
 
 class ANIL(MAML):

@@ -4,7 +4,7 @@ objectives as options.
 
 One encoder, shared by both inputs, embeds each of a pair; a similarity of the two embeddings
 says whether they show the same class. It is trained on balanced same/different pairs of the
-meta-training classes (:class:`~kshot.pairs.PairSampler`), never on episodes, yet it serves both:
+meta-training classes (:class:`~kshot.tasks.pairs.PairSampler`), never on episodes, yet it serves both:
 
 * **verification**: a pair is "same" when its score reaches a threshold, calibrated at the
   equal-error point of held-out pairs of the meta-validation classes when training ends, and
@@ -37,9 +37,9 @@ from kshot.config import register_preset
 from kshot.errors import ConfigError
 from kshot.learners.base import Learner, Predictor
 from kshot.models import output_dim
-from kshot.pairs import PairBatch, PairSampler
+from kshot.tasks.pairs import PairBatch, PairSampler
 from kshot.tasks import EVAL_SEED, Task
-from kshot.verification import VerificationReport
+from kshot.learners.verification import VerificationReport
 
 SIMILARITIES = ("koch", "contrastive", "triplet")
 #: Pairs of meta-validation classes on which the threshold is calibrated when training ends.
@@ -205,7 +205,7 @@ class Siamese(Learner):
         if all(isinstance(b, Task) for b in batches):
             return super().meta_loss(batches)  # type: ignore[arg-type]
         if not all(isinstance(b, PairBatch) for b in batches):
-            raise ConfigError("a Siamese meta-batch holds pair batches (kshot.pairs) or tasks, not a mix")
+            raise ConfigError("a Siamese meta-batch holds pair batches (kshot.tasks.pairs) or tasks, not a mix")
         losses, acc, pair_acc = [], 0.0, 0.0
         threshold = self.decision_threshold
         for b in batches:

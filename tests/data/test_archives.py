@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kshot.data.archives import (RemoteFile, atomic_path, download, find_archive, open_zip,
-                                 safe_extract)
+from kshot.data.archives import RemoteFile, download, find_archive, open_zip, safe_extract
+from kshot.services.files import atomic_path
 from kshot.errors import DataError
 
 

@@ -168,7 +168,7 @@ def test_a_non_standard_split_is_flagged(forms, tmp_path):
 
 def test_train_resnet12_on_mini_imagenet_then_adapt_to_colour_folders(forms, tmp_path, capsys):
     """The command line end to end: a colour checkpoint records 3x84x84 and reads any image so."""
-    from kshot.adapt import InputReader
+    from kshot.runs.adapt import InputReader
     from kshot.cli import main
 
     run = tmp_path / "run"

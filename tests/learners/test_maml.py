@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from kshot.checkpoint import load_learner, save_checkpoint
+from kshot.runs.build import load_learner
+from kshot.services.checkpoint import save_checkpoint
 from kshot.config import PRESETS, resolve_config
 from kshot.errors import ConfigError
-from kshot.evaluate import evaluate
+from kshot.runs.evaluate import evaluate
 from kshot.learners import ANIL, FOMAML, LEARNERS, MAML, MetaSGD, create_learner
 from kshot.models import create_model
 from kshot.tasks import Task, TaskSampler, fixed_tasks
-from kshot.train import build_learner
+from kshot.runs.build import build_learner
 
 
 # Tiny models: more threads only wait for each other (badly so on a shared machine).

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kshot.checkpoint import load_checkpoint
+from kshot.services.checkpoint import load_checkpoint
 from kshot.config import resolve_config
-from kshot.train import train
+from kshot.runs.train import train
 
 
 # Tiny models: more threads only wait for each other (badly so on a shared machine).

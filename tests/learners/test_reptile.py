@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kshot.data.synthetic import SinusoidTasks
+from kshot.tasks.families import SinusoidTasks
 from kshot.learners import Reptile
 from kshot.models import create_model
 from kshot.tasks import TaskSampler

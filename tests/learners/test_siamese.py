@@ -8,16 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kshot.checkpoint import load_checkpoint, load_learner
+from kshot.runs.build import load_learner
+from kshot.services.checkpoint import load_checkpoint
 from kshot.config import resolve_config
 from kshot.errors import ConfigError
-from kshot.evaluate import evaluate
+from kshot.runs.evaluate import evaluate
 from kshot.learners import Learner, Siamese
 from kshot.models import create_model
-from kshot.pairs import PairBatch, PairSampler
+from kshot.tasks.pairs import PairBatch, PairSampler
 from kshot.tasks import Task, TaskSampler, fixed_tasks
-from kshot.train import Trainer, train
-from kshot.verification import VerificationReport
+from kshot.runs.train import Trainer, train
+from kshot.learners.verification import VerificationReport
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

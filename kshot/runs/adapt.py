@@ -26,14 +26,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kshot.checkpoint import Checkpoint, build_learner, load_checkpoint
-from kshot.data.archives import atomic_write_text
 from kshot.data.folders import read_labelled_images, read_query_images
 from kshot.data.images import ImageFormat
 from kshot.data.splits import natural_key
 from kshot.data.tables import TableFormat, read_table
 from kshot.errors import CheckpointError, DataError
 from kshot.learners.base import Learner
+from kshot.runs.build import learner_from_checkpoint
+from kshot.services.files import atomic_write_text
+from kshot.services.checkpoint import Checkpoint, load_checkpoint
 
 
 @dataclass
@@ -272,7 +273,7 @@ def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike,
     """
     ckpt = load_checkpoint(checkpoint)
     reader = InputReader.from_checkpoint(ckpt)
-    learner = build_learner(ckpt)
+    learner = learner_from_checkpoint(ckpt)
     support_in = reader.read_support(support, shots)
     query_in = reader.read_query(query)
     model = AdaptedModel(learner, support_in.x, support_in.labels or [], device, batch_size)

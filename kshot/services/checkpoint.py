@@ -19,9 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kshot.data.archives import atomic_path
+from kshot.services.files import atomic_path
 from kshot.errors import CheckpointError
-from kshot.models import create_model, model_spec
 
 FORMAT = "kshot-checkpoint/1"
 
@@ -41,11 +40,14 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, learner: torch.nn.Module, config: dict | None = None,
                     train_state: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                     extra: dict | None = None) -> Path:
-    """Write ``learner`` (and optionally the optimiser and training state) to ``path`` atomically."""
+    """Write ``learner`` (and optionally the optimiser and training state) to ``path`` atomically.
+
+    ``learner.spec()`` says how to rebuild it (algorithm, options, backbone); the build layer
+    (:func:`kshot.runs.build.learner_from_checkpoint`) reads it back."""
     tensors = {f"learner.{k}": v.detach().contiguous().clone().cpu() for k, v in learner.state_dict().items()}
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "learner": {"algo": learner.algo, "options": learner.options(), "model": model_spec(learner.model)},
+        "learner": learner.spec(),
         "config": config or {},
         "train_state": train_state or {},
         "extra": extra or {},
@@ -104,24 +106,3 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(learner=meta["learner"], state_dict=state_dict, config=meta.get("config", {}),
                       train_state=meta.get("train_state", {}), optimizer=optimizer,
                       extra=meta.get("extra", {}))
-
-
-def build_learner(ckpt: Checkpoint):
-    """Rebuild the learner a checkpoint describes and load its weights."""
-    from kshot.learners import create_learner
-
-    spec = ckpt.learner
-    try:
-        model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
-        learner = create_learner(spec["algo"], model, **spec.get("options", {}))
-        learner.load_state_dict(ckpt.state_dict)
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"the checkpoint does not match the learner it describes "
-                              f"({str(e).splitlines()[0][:160]})") from None
-    return learner
-
-
-def load_learner(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The trained learner saved at ``path`` (a file, or a run directory), in eval mode."""
-    learner = build_learner(load_checkpoint(path))
-    return learner.to(device).eval()

@@ -22,13 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kshot.config import TrainConfig
-from kshot.distributed import (Distributed, RunningStatistics, current, env_world, launch,
+from kshot.services.distributed import (Distributed, RunningStatistics, current, env_world, launch,
                                process_device, rank_label)
 from kshot.errors import ConfigError
 from kshot.learners import LEARNERS
-from kshot.train import Trainer, build_learner
+from kshot.runs.build import build_learner
+from kshot.runs.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -194,7 +195,7 @@ def _records(run_dir: Path) -> list[dict]:
 def _single_process_reference(config: TrainConfig, run_dir: Path, worker, test_tasks: int) -> dict:
     """What one process computes: the meta-gradient of the whole meta-batch 0, and a run."""
     from kshot.data import load_dataset
-    from kshot.train import dataset_settings
+    from kshot.runs.build import dataset_settings
 
     dataset = load_dataset(config.dataset, "train", **dataset_settings(config))
     sampler = LEARNERS[config.algo].make_sampler(config, dataset)
@@ -301,7 +302,7 @@ def test_torchrun_runs_kshot_train(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run directory:") == 1  # rank 0 reports, rank 1 stays quiet
     assert [r["step"] for r in _records(run_dir)] == [1, 2, 3]  # logged once, not per rank
-    from kshot.checkpoint import load_checkpoint
+    from kshot.services.checkpoint import load_checkpoint
 
     assert load_checkpoint(run_dir / "last.safetensors").train_state["step"] == 3
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kshot.data.archives import atomic_path
+from kshot.services.files import atomic_path
 
 
 def _pyplot():
@@ -86,7 +86,7 @@ def plot_roc(curves: dict, out: str | Path) -> Path:
 
     Args:
         curves: label -> an object with ``fpr``, ``tpr`` (arrays), ``eer`` and ``auc``
-            (e.g. :class:`kshot.verification.VerificationReport`).
+            (e.g. :class:`kshot.learners.verification.VerificationReport`).
         out: the PNG to write.
     """
     plt = _pyplot()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kshot.data.synthetic import SPLIT_SEEDS, SinusoidTasks, family_sampler, family_tasks, task_family
+from kshot.tasks.families import SPLIT_SEEDS, SinusoidTasks, family_sampler, family_tasks, task_family
 from kshot.errors import DataError
 from kshot.tasks import identity_collate
 

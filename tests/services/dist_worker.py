@@ -1,6 +1,6 @@
 """One rank of the distributed equivalence test (tests/test_distributed.py starts two of these).
 
-Run as ``python tests/dist_worker.py SPEC.json`` with torchrun's environment variables (RANK,
+Run as ``python tests/services/dist_worker.py SPEC.json`` with torchrun's environment variables (RANK,
 WORLD_SIZE, MASTER_ADDR, ...). For each learner of the spec, the rank computes the meta-gradient
 of the first meta-batch on its share of the tasks, averaged over ranks, then trains with the
 real Trainer: interrupted after ``stop_after`` steps and resumed to the end. It writes what it
@@ -21,7 +21,8 @@ from kshot.data import load_dataset
 from kshot.errors import ConfigError, KshotError
 from kshot.learners import LEARNERS
 from kshot.tasks import fixed_tasks
-from kshot.train import Trainer, build_learner, dataset_settings
+from kshot.runs.build import build_learner, dataset_settings
+from kshot.runs.train import Trainer
 
 
 def few_test_tasks(config: TrainConfig, n_tasks: int):
@@ -76,7 +77,7 @@ def run_case(case: dict, out: Path, dist) -> None:
 
 def main(spec_path: str) -> int:
     """Every case of the spec, one after another, in one process group."""
-    from kshot.distributed import launch
+    from kshot.services.distributed import launch
 
     spec = json.loads(Path(spec_path).read_text())
     configs = [TrainConfig(**case["config"]) for case in spec["cases"]]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kshot.data.base import FewShotDataset
 from kshot.errors import ConfigError, DataError
-from kshot.tasks import TaskStream
+from kshot.tasks.base import TaskStream
 
 AUGMENTATIONS = ("none", "affine")
 

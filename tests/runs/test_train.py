@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kshot.checkpoint import load_checkpoint
+from kshot.services.checkpoint import load_checkpoint
 from kshot.config import resolve_config
 from kshot.errors import ConfigError
-from kshot.train import train
+from kshot.runs.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

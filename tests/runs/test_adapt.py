@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kshot.adapt import AdaptedModel, InputReader
-from kshot.checkpoint import load_learner, save_checkpoint
+from kshot.runs.adapt import AdaptedModel, InputReader
+from kshot.runs.build import load_learner
+from kshot.services.checkpoint import save_checkpoint
 from kshot.cli import main
 from kshot.config import TrainConfig
 from kshot.data.images import ImageFormat

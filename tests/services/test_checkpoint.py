@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from kshot.checkpoint import build_learner, load_checkpoint, load_learner, save_checkpoint
+from kshot.runs.build import learner_from_checkpoint, load_learner
+from kshot.services.checkpoint import load_checkpoint, save_checkpoint
 from kshot.errors import CheckpointError
 from kshot.learners import ProtoNet
 from kshot.models import create_model
@@ -30,7 +31,7 @@ def test_round_trip_restores_weights_buffers_options_and_optimizer(tmp_path):
                            train_state={"step": 2}, optimizer=opt)
     ckpt = load_checkpoint(path)
     assert ckpt.config == {"lr": 0.01} and ckpt.train_state == {"step": 2}
-    again = build_learner(ckpt)
+    again = learner_from_checkpoint(ckpt)
     assert again.distance == "cosine" and again.temperature == 5.0
     for (k, a), (_, b) in zip(learner.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k  # includes batch-norm running statistics
@@ -93,7 +94,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("kshot.checkpoint.save_file", crash)
+    monkeypatch.setattr("kshot.services.checkpoint.save_file", crash)
     with pytest.raises(OSError):
         save_checkpoint(path, learner, train_state={"step": 2})
     assert load_checkpoint(path).train_state == {"step": 1}
@@ -106,4 +107,4 @@ def test_checkpoint_that_does_not_match_its_learner_is_a_clear_error(tmp_path):
     ckpt = load_checkpoint(path)
     ckpt.learner["model"]["kwargs"]["hidden"] = 32
     with pytest.raises(CheckpointError, match="does not match"):
-        build_learner(ckpt)
+        learner_from_checkpoint(ckpt)

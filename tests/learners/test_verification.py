@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kshot.errors import DataError
-from kshot.verification import VerificationReport, area_under_curve, equal_error_rate, roc_curve
+from kshot.learners.verification import VerificationReport, area_under_curve, equal_error_rate, roc_curve
 
 
 def _rates(scores, same, threshold):

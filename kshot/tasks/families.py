@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kshot.errors import ConfigError, DataError
-from kshot.tasks import EVAL_SEED, FixedTasks, Task, TaskSource
+from kshot.tasks.base import EVAL_SEED, FixedTasks, Task, TaskSource
 
 #: Seeds of the fixed evaluation tasks of generated families (training uses the config's seed).
 SPLIT_SEEDS = {"val": EVAL_SEED + 1, "test": EVAL_SEED, "trainval": EVAL_SEED + 2, "train": EVAL_SEED + 3}
@@ -101,7 +101,7 @@ class SinusoidTasks(TaskSource):
 
     def plot_adaptation(self, learner, out, n_tasks: int = 4, steps: Sequence[int] | None = None):
         """Write a PNG of the learner's adapted curves against the true ones for a few tasks."""
-        from kshot.plots import plot_regression_fits
+        from kshot.services.plots import plot_regression_fits
 
         grid = torch.linspace(self.x_range[0], self.x_range[1], 200).unsqueeze(1)
         panels = []

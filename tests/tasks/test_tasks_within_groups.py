@@ -55,7 +55,7 @@ def test_groups_too_small_or_missing_are_explained(omniglot):
 def test_the_setting_reaches_the_trainers_fixed_tasks(cache_dir):
     from kshot.cli import build_parser
     from kshot.config import resolve_config
-    from kshot.train import Trainer
+    from kshot.runs.train import Trainer
 
     args = build_parser().parse_args(["train", "--test-within-groups", "yes", "--protocol", "lake"])
     assert args.test_within_groups is True

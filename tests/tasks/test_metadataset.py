@@ -14,8 +14,8 @@ from kshot.config import TrainConfig
 from kshot.data import FewShotDataset, load_dataset
 from kshot.errors import ConfigError, DataError
 from kshot.learners import ProtoNet
-from kshot.metadataset import (EpisodeBounds, MultiSourceSampler, VariableTaskSampler, fixed_episodes,
-                               sampler_from_config, task_sampler)
+from kshot.tasks import (EpisodeBounds, MultiSourceSampler, VariableTaskSampler, fixed_episodes,
+                         sampler_from_config, task_sampler)
 from kshot.models import create_model
 from kshot.tasks import TaskSampler, fixed_tasks, identity_collate
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kshot.data.archives import atomic_write_text
+from kshot.services.files import atomic_write_text
 from kshot.errors import DataError
 
 
@@ -122,7 +122,7 @@ class VerificationReport:
 
     def write(self, run_dir: str | Path, name: str = "verification") -> None:
         """``<name>.json`` (the summary and the ROC points) and ``roc.png`` in ``run_dir``."""
-        from kshot.plots import plot_roc
+        from kshot.services.plots import plot_roc
 
         run_dir = Path(run_dir)
         record = {**self.summary(), "roc": {"fpr": self.fpr.tolist(), "tpr": self.tpr.tolist()}}

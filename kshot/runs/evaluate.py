@@ -8,16 +8,21 @@ report it so, which makes figures comparable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kshot.config import MIN_TEST_TASKS, config_from_dict
+from kshot.errors import ConfigError
 from kshot.learners.base import Learner
-from kshot.tasks import Task
+from kshot.runs.build import evaluation_tasks, learner_from_checkpoint, resolve_device
+from kshot.services.checkpoint import load_checkpoint
+from kshot.services.distributed import Distributed
+from kshot.tasks import Task, TaskSlice
 
 
 @dataclass
@@ -76,14 +81,21 @@ def confidence_interval(values: Sequence[float] | np.ndarray, z: float = 1.96) -
 
 
 def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device = "cpu",
-             progress: bool = False, desc: str = "evaluating", trace: bool = False) -> EvalResult:
+             progress: bool = False, desc: str = "evaluating", trace: bool = False,
+             dist: Distributed | None = None) -> EvalResult:
     """Adapt ``learner`` to each task's support set and score it on the task's queries.
 
     The learner is put in eval mode for the duration (batch norm uses its running statistics
     where it keeps them) and restored afterwards. With ``trace``, predictors that can say how
     adaptation went (gradient-based learners: support and query loss at each inner step) add
     those figures to the result's ``metrics``.
+
+    In a distributed run (``dist``), each rank evaluates its share of the (sized) task sequence
+    and every rank gets the whole result, per-task figures in task order, as one process
+    would; the inner-loop ``trace`` is then left out.
     """
+    if dist is not None and dist.enabled:
+        return _evaluate_shared(learner, tasks, dist, device=device, progress=progress, desc=desc)
     was_training = learner.training
     learner.eval()
     accs, losses = [], []
@@ -105,6 +117,16 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
         learner.train(was_training)
     return EvalResult(np.array(accs, dtype=np.float64), np.array(losses),
                       {k: np.array(v) for k, v in traced.items() if len(v) == len(losses)})
+
+
+def _evaluate_shared(learner: Learner, tasks: Sequence[Task], dist: Distributed, **kwargs) -> EvalResult:
+    lo, hi = dist.share(len(tasks))
+    mine = evaluate(learner, TaskSlice(tasks, lo, hi), progress=kwargs.pop("progress") and dist.is_main,
+                    **kwargs)
+    rows = torch.stack([torch.as_tensor(mine.accuracies, dtype=torch.float64),
+                        torch.as_tensor(mine.losses, dtype=torch.float64)], 1).reshape(-1, 2)
+    gathered = dist.gather_shares(rows, len(tasks)).numpy()
+    return EvalResult(gathered[:, 0].copy(), gathered[:, 1].copy())
 
 
 @dataclass
@@ -132,18 +154,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     protocol, whether its tasks came from one class group); ``dataset`` evaluates across domains.
     Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
     """
-    from kshot.checkpoint import build_learner, load_checkpoint
-    from kshot.config import MIN_TEST_TASKS, config_from_dict
-    from kshot.data import load_dataset
-    from kshot.data.synthetic import family_tasks, task_family
-    from kshot.errors import ConfigError
-    from kshot.tasks import EVAL_SEED, fixed_tasks
-    from kshot.train import dataset_settings, resolve_device
-
     if tasks < MIN_TEST_TASKS:
         raise ConfigError(f"--tasks {tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
-    if episodes not in ("fixed", "variable"):
-        raise ConfigError(f"--episodes {episodes!r}: choose fixed or variable")
     ckpt = load_checkpoint(checkpoint)
     config = config_from_dict(ckpt.config)
     if dataset is not None and dataset != config.dataset and protocol is None:
@@ -156,34 +168,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     ways = ways or config.eval_ways
     shots = shots or config.eval_shots
     device = resolve_device(device)
-    learner = build_learner(ckpt).to(device)
+    learner = learner_from_checkpoint(ckpt).to(device)
     within = config.test_within_groups if within_groups is None else within_groups
-    if task_family(config.dataset) is not None:  # generated tasks (sinusoid): their own fixed seeds
-        task_set = family_tasks(config.dataset, split, shots, queries, tasks, seed=seed)
-        shape = f"{shots}-shot, {queries} queries per task"
-    else:
-        settings = dataset_settings(config)
-        if "text_features" in ckpt.extra:  # featurise text exactly as in training
-            settings["features"] = ckpt.extra["text_features"]
-        data = load_dataset(config.dataset, split, **settings)
-        expected = ckpt.extra.get("example_shape")
-        if expected is not None and tuple(data.example_shape) != tuple(expected):
-            raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
-                              f"{config.dataset} gives {tuple(data.example_shape)}; evaluate on data "
-                              f"of the kind it was trained on")
-        task_seed = EVAL_SEED if seed is None else seed
-        if episodes == "variable":
-            from kshot.metadataset import fixed_episodes
-
-            if within:
-                raise ConfigError("--episodes variable draws classes from the whole split; "
-                                  "use --no-within-groups")
-            task_set = fixed_episodes(data, tasks, seed=task_seed)
-            shape = "variable-way variable-shot (Meta-Dataset episodes)"
-        else:
-            task_set = fixed_tasks(data, ways, shots, queries, tasks, seed=task_seed, within_groups=within)
-            shape = (f"{ways}-way {shots}-shot, {queries} queries per class"
-                     + (", classes of each task from one group" if within else ""))
+    task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
+                                       seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
     result = evaluate(learner, task_set, device=device, progress=progress)
     described = (f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
                  f"{split}: {shape}")

@@ -37,10 +37,9 @@ import torch
 from kshot.data.base import FewShotDataset
 from kshot.data.multisource import MultiSourceDataset
 from kshot.errors import ConfigError, DataError
-from kshot.tasks import EVAL_SEED, FixedTasks, Task, TaskSampler, TaskSource, _smallest
+from kshot.tasks.base import Task, TaskSource, smallest_keys
+from kshot.tasks.episodes import TaskSampler
 
-#: Kinds of training task: ``fixed`` N-way K-shot, or ``variable`` (this module's episodes).
-EPISODES = ("fixed", "variable")
 #: How a multi-source sampler picks the source of each task.
 SOURCE_WEIGHTS = ("uniform", "classes")
 
@@ -150,7 +149,7 @@ class VariableTaskSampler(TaskSource):
         # Only uniform doubles are drawn, as in TaskSampler: NumPy keeps that stream stable.
         low, high = b.min_ways, self.max_ways
         ways = low + min(int(rng.random() * (high - low + 1)), high - low)
-        classes = self._eligible[_smallest(rng.random(len(self._eligible)), ways)]
+        classes = self._eligible[smallest_keys(rng.random(len(self._eligible)), ways)]
         counts = self._counts[classes]
         queries = int(min(b.max_queries, (counts // 2).min()))
         remaining = counts - queries
@@ -163,7 +162,7 @@ class VariableTaskSampler(TaskSource):
         shots = np.minimum(np.floor(shares * (support_size - ways)).astype(np.int64) + 1, remaining)
         examples = []
         for c, k in zip(classes, shots):
-            pick = _smallest(rng.random(self._counts[c]), int(k) + queries)
+            pick = smallest_keys(rng.random(self._counts[c]), int(k) + queries)
             examples.append(self._examples[c][pick])
         return Episode(classes=classes, shots=shots, queries=queries, examples=examples,
                        beta=float(beta), support_size=support_size, log_weights=log_weights)
@@ -253,39 +252,3 @@ def source_probabilities(dataset: MultiSourceDataset, weights: str | Sequence[fl
             raise ConfigError(f"source weights must be {n} non-negative numbers, not all zero; "
                               f"got {list(weights)}")
     return w / w.sum()
-
-
-def task_sampler(dataset: FewShotDataset, episodes: str = "fixed", ways: int = 5, shots: int = 1,
-                 queries: int = 15, seed: int = 0, meta_batch_size: int = 1,
-                 source_weights: str | Sequence[float] = "uniform",
-                 bounds: EpisodeBounds | None = None) -> TaskSource | TaskSampler:
-    """The sampler for ``episodes`` tasks from ``dataset``, one source per task if it has several.
-
-    ``fixed``: ``ways``-way ``shots``-shot tasks with ``queries`` per class. ``variable``:
-    Meta-Dataset episodes within ``bounds`` (``ways``, ``shots`` and ``queries`` unused).
-    """
-    if episodes not in EPISODES:
-        raise ConfigError(f"unknown episodes {episodes!r}; choose one of {', '.join(EPISODES)}")
-
-    def single(data: FewShotDataset, seed_: int):
-        if episodes == "variable":
-            return VariableTaskSampler(data, seed=seed_, meta_batch_size=meta_batch_size, bounds=bounds)
-        return TaskSampler(data, ways, shots, queries, seed=seed_, meta_batch_size=meta_batch_size)
-
-    if isinstance(dataset, MultiSourceDataset):
-        return MultiSourceSampler(dataset, single, seed=seed, meta_batch_size=meta_batch_size,
-                                  weights=source_weights)
-    return single(dataset, seed)
-
-
-def sampler_from_config(config, dataset: FewShotDataset) -> TaskSource | TaskSampler:
-    """Training tasks as a :class:`~kshot.config.TrainConfig` asks (``episodes``, ``source_weights``)."""
-    return task_sampler(dataset, getattr(config, "episodes", "fixed"), config.ways, config.shots,
-                        config.queries, seed=config.seed, meta_batch_size=config.meta_batch_size,
-                        source_weights=getattr(config, "source_weights", "uniform"))
-
-
-def fixed_episodes(dataset: FewShotDataset, n_tasks: int = 1000, seed: int = EVAL_SEED,
-                   bounds: EpisodeBounds | None = None) -> FixedTasks:
-    """A fixed, seeded set of Meta-Dataset evaluation episodes (one source per task)."""
-    return FixedTasks(task_sampler(dataset, "variable", seed=seed, bounds=bounds), n_tasks)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import torch
 
 from kshot.data import ArrayDataset
 from kshot.errors import ConfigError, DataError
-from kshot.pairs import PairBatch, PairSampler, random_affine
+from kshot.tasks.pairs import PairBatch, PairSampler, random_affine
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -169,30 +169,25 @@ class Distributed:
             raise value
         return value
 
-    def evaluate(self, learner, tasks: Sequence, device: torch.device | str = "cpu",
-                 progress: bool = False, desc: str = "evaluating", trace: bool = False):
-        """:func:`kshot.evaluate.evaluate` with the tasks shared among ranks; every rank gets
-        the whole result (per-task accuracies in task order), the same as one process's.
-        ``trace`` (the inner-loop figures of gradient-based learners) is kept in one process only."""
-        from kshot.evaluate import EvalResult, evaluate
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share ``[lo, hi)`` of ``n`` items (tasks to evaluate): ranks in
+        order, equal shares of ``ceil(n / world_size)``, only the last ones short."""
+        per_rank = -(-n // self.world_size)
+        lo = min(self.rank * per_rank, n)
+        return lo, min(lo + per_rank, n)
 
+    def gather_shares(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's :meth:`share` of ``n`` rows ``[hi - lo, k]``, concatenated in order on
+        every rank: ``[n, k]``, as one process would have computed them."""
         if not self.enabled:
-            return evaluate(learner, tasks, device=device, progress=progress, desc=desc, trace=trace)
-        n = len(tasks)
-        share = -(-n // self.world_size)
-        lo = min(self.rank * share, n)
-        hi = min(lo + share, n)
-        mine = evaluate(learner, TaskSlice(tasks, lo, hi), device=device,
-                        progress=progress and self.is_main, desc=desc)
-        local = torch.full((share, 2), float("nan"), dtype=torch.float64, device=self._comm_device)
-        local[:hi - lo, 0] = torch.as_tensor(mine.accuracies, dtype=torch.float64)
-        local[:hi - lo, 1] = torch.as_tensor(mine.losses, dtype=torch.float64)
+            return rows
+        per_rank = -(-n // self.world_size)
+        local = torch.full((per_rank, *rows.shape[1:]), float("nan"), dtype=rows.dtype,
+                           device=self._comm_device)
+        local[:len(rows)] = rows.to(self._comm_device)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        self._collective("gathering evaluation results", lambda: dist.all_gather(parts, local))
-        # Shares are contiguous and in rank order, and only the last ones are short, so the
-        # first n rows of the concatenation are tasks 0..n-1.
-        rows = torch.cat(parts)[:n].cpu().numpy()
-        return EvalResult(rows[:, 0].copy(), rows[:, 1].copy())
+        self._collective("gathering results", lambda: dist.all_gather(parts, local))
+        return torch.cat(parts)[:n].cpu()
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -296,26 +291,6 @@ class RunningStatistics:
             m.num_batches_tracked.fill_(n0 + updates)
         for b, total in zip(self.others, sums[3 * len(self.norms):]):
             b.copy_(total)
-
-
-class TaskSlice(Sequence):
-    """Tasks ``lo..hi-1`` of a task sequence, built only when read (fixed task sets are lazy)."""
-
-    def __init__(self, tasks: Sequence, lo: int, hi: int):
-        self.tasks, self.lo, self.hi = tasks, lo, hi
-
-    def __len__(self) -> int:
-        return self.hi - self.lo
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return self.tasks[self.lo + i % len(self)]
-
-    def __iter__(self):
-        return (self.tasks[i] for i in range(self.lo, self.hi))
 
 
 def _by_dtype_and_device(keys: list[int], tensors: list[torch.Tensor]) -> list[list[int]]:
@@ -436,7 +411,7 @@ def current(timeout: float = DEFAULT_TIMEOUT) -> Distributed:
     if world is not None and world[1] > 1:
         raise ConfigError(f"this process is one of {world[1]} that torchrun started, but no process "
                           f"group is set up; use kshot.train(), or pass dist= from "
-                          f"kshot.distributed.launch()")
+                          f"kshot.services.distributed.launch()")
     return single_process()
 
 

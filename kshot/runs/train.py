@@ -30,17 +30,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from kshot import distributed
-from kshot.checkpoint import load_checkpoint, save_checkpoint
 from kshot.config import TrainConfig, config_from_dict
-from kshot.data import SPLIT_FILE_DATASETS, load_dataset
-from kshot.data.archives import atomic_write_text
-from kshot.data.synthetic import family_sampler, family_tasks, task_family
-from kshot.distributed import Distributed
+from kshot.data import SPLIT_FILE_DATASETS
 from kshot.errors import CheckpointError, ConfigError
-from kshot.evaluate import EvalResult
 from kshot.learners import LEARNERS, Learner
-from kshot.tasks import MetaBatch, Task, TaskSampler, fixed_tasks, identity_collate
+from kshot.runs.build import (build_learner, checkpoint_extra, evaluation_tasks, load_split, resolve_device,
+                              training_tasks)
+from kshot.runs.evaluate import EvalResult, evaluate
+from kshot.services import distributed
+from kshot.services.checkpoint import load_checkpoint, save_checkpoint
+from kshot.services.distributed import Distributed
+from kshot.services.files import atomic_write_text
+from kshot.services.plots import plot_curves
+from kshot.tasks import MetaBatch, Task, TaskSource, identity_collate
 
 #: Settings that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "log_every", "test_tasks",
@@ -55,15 +57,6 @@ class TrainResult:
     test: dict | None
     seconds: float
     rank: int = 0  # this process's rank in a distributed run (0: the one that reports)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return device
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -85,30 +78,6 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
-    torch.manual_seed(config.seed)
-    return LEARNERS[config.algo].from_config(config, example_shape)
-
-
-def dataset_settings(config: TrainConfig) -> dict:
-    return dict(protocol=config.protocol, image_size=config.image_size, data_path=config.data_path,
-                split_file=config.split_file, data_dir=config.data_dir or None,
-                cache_dir=config.cache_dir or None, **config.extra)
-
-
-def _checkpoint_extra(dataset) -> dict | None:
-    """How the training data read its inputs (image format, table columns, text featuriser), for
-    ``kshot adapt``, and the shape of one example, so that ``kshot eval`` can refuse other data."""
-    extra = getattr(dataset, "checkpoint_extra", None)
-    if callable(extra):
-        record = dict(extra() or {})
-    else:
-        fmt = getattr(dataset, "image_format", None)
-        record = {"image_format": fmt.to_dict()} if fmt is not None else {}
-    record["example_shape"] = list(dataset.example_shape)
-    return record
-
-
 class Trainer:
     """Meta-trains ``learner`` on tasks from ``sampler``; see the module docstring for the files.
 
@@ -124,7 +93,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, learner: Learner | None = None,
-                 sampler: TaskSampler | None = None, val_tasks: Sequence[Task] | None = None,
+                 sampler: TaskSource | None = None, val_tasks: Sequence[Task] | None = None,
                  test_tasks: Sequence[Task] | None = None, dist: Distributed | None = None,
                  progress: bool = True):
         self.config = config.validate()
@@ -142,16 +111,10 @@ class Trainer:
         if config.dataset in SPLIT_FILE_DATASETS and not config.split_file:
             # The drawn class split is kept beside the run, so that eval and resume reuse it.
             self.config.split_file = str((self.run_dir / "classes.json").resolve())
-        if sampler is None and task_family(config.dataset) is not None:  # generated tasks
-            sampler = family_sampler(config.dataset, "train", config.shots, config.queries, seed=config.seed,
-                                     meta_batch_size=config.meta_batch_size)
-        if sampler is None:
-            train_set = load_dataset(config.dataset, config.train_split, **dataset_settings(config))
-            sampler = LEARNERS[config.algo].make_sampler(config, train_set)
-        self.sampler = sampler
+        self.sampler = sampler if sampler is not None else training_tasks(config)
         self._val_tasks, self._test_tasks = val_tasks, test_tasks
         if learner is None:
-            learner = build_learner(config, sampler.example_shape)
+            learner = build_learner(config, self.sampler.example_shape)
         self.learner = learner.to(self.device)
         self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
         self.step = 0
@@ -160,12 +123,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ fixed tasks
     def _fixed(self, split: str, n_tasks: int) -> Sequence[Task]:
-        c = self.config
-        if task_family(c.dataset) is not None:
-            return family_tasks(c.dataset, split, c.eval_shots, c.test_queries, n_tasks)
-        dataset = load_dataset(c.dataset, split, **dataset_settings(c))
-        return fixed_tasks(dataset, c.eval_ways, c.eval_shots, c.test_queries, n_tasks,
-                           within_groups=c.test_within_groups)
+        return evaluation_tasks(self.config, split, n_tasks)[0]
 
     @property
     def val_tasks(self) -> Sequence[Task]:
@@ -203,7 +161,7 @@ class Trainer:
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
                             train_state={"step": self.step, "best_val": self.best_val},
                             optimizer=self.optimizer if with_optimizer else None,
-                            extra=_checkpoint_extra(self.sampler.dataset))
+                            extra=checkpoint_extra(self.sampler.dataset))
 
     def _resume(self) -> None:
         """Continue from last.safetensors if this run directory has one (read by rank 0, whose
@@ -268,8 +226,7 @@ class Trainer:
     def validate(self) -> EvalResult:
         """Accuracy on the fixed validation tasks (shared among the ranks of a distributed run),
         with the inner-loop trace of gradient-based learners."""
-        return self.dist.evaluate(self.learner, self.val_tasks, device=self.device, progress=False,
-                                  trace=True)
+        return evaluate(self.learner, self.val_tasks, device=self.device, trace=True, dist=self.dist)
 
     def _is_better(self, result: dict) -> bool:
         if self.best_val is None:
@@ -369,8 +326,7 @@ class Trainer:
         sampler = getattr(self._val_tasks, "sampler", None)
         if sampler is not None:
             return sampler.dataset
-        c = self.config
-        return load_dataset(c.dataset, "val", **dataset_settings(c))
+        return load_split(self.config, "val")
 
     def _after_training(self) -> None:
         """Give the learner its :meth:`Learner.after_training` call on the best weights, and save
@@ -392,8 +348,6 @@ class Trainer:
 
     def _final_test(self, seconds: float) -> dict | None:
         if self.dist.is_main:
-            from kshot.plots import plot_curves
-
             plot_curves(self.metrics_path, self.run_dir / "curves.png")
         if not self.config.test_tasks:
             return None
@@ -401,8 +355,8 @@ class Trainer:
         current = {k: v.clone() for k, v in self.learner.state_dict().items()}
         self.learner.load_state_dict(best)
         try:
-            result = self.dist.evaluate(self.learner, self.test_tasks, device=self.device,
-                                        progress=self.progress, desc="testing").summary()
+            result = evaluate(self.learner, self.test_tasks, device=self.device, progress=self.progress,
+                              desc="testing", dist=self.dist).summary()
             plot_adaptation = getattr(self.sampler, "plot_adaptation", None)
             if plot_adaptation is not None and self.dist.is_main:  # generated tasks: adapted vs true curves
                 plot_adaptation(self.learner, self.run_dir / "adaptation.png")
@@ -423,7 +377,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = True, progres
           stop_after: int | None = None, dist: Distributed | None = None, **components) -> TrainResult:
     """Meta-train as ``config`` says, in ``run_dir`` (resuming a run found there).
 
-    Under torchrun the processes share each meta-batch (see :mod:`kshot.distributed`).
+    Under torchrun the processes share each meta-batch (see :mod:`kshot.services.distributed`).
     """
     config.validate()
     group = (nullcontext(dist) if dist is not None else

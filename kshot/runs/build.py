@@ -1,0 +1,130 @@
+"""From a config (or a saved run) to its parts: device, datasets, task sources, learner.
+
+``train``, ``evaluate`` and ``adapt`` all start here, and this module calls nothing above
+itself, so the way from "a saved run" to "its test tasks" goes down the layers once::
+
+    checkpoint -> config -> dataset -> task source -> fixed tasks
+               -> learner spec -> backbone -> learner (weights loaded)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from kshot.config import TrainConfig
+from kshot.data import load_dataset
+from kshot.data.base import FewShotDataset
+from kshot.errors import CheckpointError, ConfigError
+from kshot.learners import LEARNERS, Learner, create_learner
+from kshot.models import create_model
+from kshot.services.checkpoint import Checkpoint, load_checkpoint
+from kshot.tasks import EVAL_SEED, Task, TaskSource, family_sampler, family_tasks, fixed_episodes, fixed_tasks, task_family
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when torch sees one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def dataset_settings(config: TrainConfig) -> dict:
+    """The keyword arguments of :func:`kshot.data.load_dataset` that a config sets."""
+    return dict(protocol=config.protocol, image_size=config.image_size, data_path=config.data_path,
+                split_file=config.split_file, data_dir=config.data_dir or None,
+                cache_dir=config.cache_dir or None, **config.extra)
+
+
+def load_split(config: TrainConfig, split: str, **settings) -> FewShotDataset:
+    """Split ``split`` of the config's dataset (``settings`` override the config's)."""
+    return load_dataset(config.dataset, split, **{**dataset_settings(config), **settings})
+
+
+def checkpoint_extra(dataset) -> dict:
+    """How the training data read its inputs (image format, table columns, text featuriser), for
+    ``kshot adapt``, and the shape of one example, so that ``kshot eval`` can refuse other data."""
+    extra = getattr(dataset, "checkpoint_extra", None)
+    if callable(extra):
+        record = dict(extra() or {})
+    else:
+        fmt = getattr(dataset, "image_format", None)
+        record = {"image_format": fmt.to_dict()} if fmt is not None else {}
+    record["example_shape"] = list(dataset.example_shape)
+    return record
+
+
+def training_tasks(config: TrainConfig) -> TaskSource:
+    """The stream of training tasks (or pair batches) the config's algorithm trains on."""
+    if task_family(config.dataset) is not None:  # generated tasks
+        return family_sampler(config.dataset, "train", config.shots, config.queries, seed=config.seed,
+                              meta_batch_size=config.meta_batch_size)
+    return LEARNERS[config.algo].make_sampler(config, load_split(config, config.train_split))
+
+
+def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int = 0, shots: int = 0,
+                     queries: int = 0, seed: int | None = None, within_groups: bool | None = None,
+                     episodes: str = "fixed", extra: dict | None = None) -> tuple[Sequence[Task], str]:
+    """Fixed tasks of ``split`` for the config's data, and their shape in words.
+
+    Unset arguments take the config's test settings. ``extra`` is a checkpoint's record of its
+    input form: text is featurised as in training, and data of another example shape is refused.
+    """
+    ways, shots = ways or config.eval_ways, shots or config.eval_shots
+    queries = queries or config.test_queries
+    within = config.test_within_groups if within_groups is None else within_groups
+    if episodes not in ("fixed", "variable"):
+        raise ConfigError(f"--episodes {episodes!r}: choose fixed or variable")
+    if task_family(config.dataset) is not None:  # generated tasks (sinusoid): their own fixed seeds
+        return (family_tasks(config.dataset, split, shots, queries, n_tasks, seed=seed),
+                f"{shots}-shot, {queries} queries per task")
+    extra = extra or {}
+    settings = {"features": extra["text_features"]} if "text_features" in extra else {}
+    data = load_split(config, split, **settings)
+    expected = extra.get("example_shape")
+    if expected is not None and tuple(data.example_shape) != tuple(expected):
+        raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
+                          f"{config.dataset} gives {tuple(data.example_shape)}; evaluate on data "
+                          f"of the kind it was trained on")
+    task_seed = EVAL_SEED if seed is None else seed
+    if episodes == "variable":
+        if within:
+            raise ConfigError("--episodes variable draws classes from the whole split; "
+                              "use --no-within-groups")
+        return (fixed_episodes(data, n_tasks, seed=task_seed),
+                "variable-way variable-shot (Meta-Dataset episodes)")
+    tasks = fixed_tasks(data, ways, shots, queries, n_tasks, seed=task_seed, within_groups=within)
+    return tasks, (f"{ways}-way {shots}-shot, {queries} queries per class"
+                   + (", classes of each task from one group" if within else ""))
+
+
+def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
+    """A new learner as the config describes, its initial weights drawn from the config's seed."""
+    if config.algo not in LEARNERS:
+        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+    torch.manual_seed(config.seed)
+    return LEARNERS[config.algo].from_config(config, example_shape)
+
+
+def learner_from_checkpoint(ckpt: Checkpoint) -> Learner:
+    """Rebuild the learner a checkpoint describes and load its weights."""
+    spec = ckpt.learner
+    try:
+        model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
+        learner = create_learner(spec["algo"], model, **spec.get("options", {}))
+        learner.load_state_dict(ckpt.state_dict)
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"the checkpoint does not match the learner it describes "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    return learner
+
+
+def load_learner(path: str | os.PathLike, device: str | torch.device = "cpu") -> Learner:
+    """The trained learner saved at ``path`` (a file, or a run directory), in eval mode."""
+    learner = learner_from_checkpoint(load_checkpoint(path))
+    return learner.to(device).eval()
