@@ -1,6 +1,6 @@
 """MAML meta-training speed: kshot against a plain torch.func loop and the anchor libraries.
 
-Setting (the bench harness's, /work/shared/bench/README.md): Omniglot-shaped synthetic tasks
+Setting (the bench harness's, ../shared/bench/README.md from the repository's root): Omniglot-shaped synthetic tasks
 (28x28x1, 5-way 1-shot, 5 queries per class), Conv4 (4 x [conv3x3 64, batch norm on the batch,
 ReLU, max-pool 2], linear head), meta-batch 32, inner lr 0.4, outer Adam 1e-3; second order (so)
 and first order (fo); 1 and 5 inner steps. Data cost is excluded (two fixed meta-batches).
@@ -12,8 +12,10 @@ Implementations, each timed in its own subprocess (so peak RSS is per implementa
   func_loop    a plain per-task torch.func loop written here: functional_call + torch.func.grad
   l2l, higher, torchopt, func_vmap
                the anchors: their meta-gradient functions built by the bench harness's own code
-               (anchor_speed.BUILDERS, imported from /work/shared/bench, never copied here; 1
-               inner step only), timed by the same loop, in the anchors' venv
+               (anchor_speed.BUILDERS, imported from ../shared/bench, never copied here; 1
+               inner step only), timed by the same loop, in the anchors' venv: --anchor-python,
+               else $KSHOT_ANCHOR_PYTHON, else the venv that the harness's setup_venv.sh makes
+               by default, if it can import them
 
 One invocation runs one round: every selected implementation once, in the order given, and
 appends one JSON line per run to --out. Run several rounds (each a few minutes on a busy
@@ -39,7 +41,43 @@ from pathlib import Path
 WAYS, SHOTS, QUERIES, META_BATCH, INNER_LR, OUTER_LR = 5, 1, 5, 32, 0.4, 1e-3
 KSHOT_IMPLS = ("kshot", "kshot_vmap", "func_loop")
 ANCHOR_IMPLS = ("l2l", "higher", "torchopt", "func_vmap")
-HARNESS = "/work/shared/bench/anchor_speed.py"
+ROOT = Path(__file__).resolve().parents[1]
+#: The shared bench harness, beside the repository: ../shared/bench from its root.
+BENCH = ROOT.parent / "shared" / "bench"
+HARNESS = BENCH / "anchor_speed.py"
+ANCHOR_PYTHON_ENV = "KSHOT_ANCHOR_PYTHON"
+ANCHOR_MODULES = ("learn2learn", "higher", "torchopt")
+
+
+def setup_script_venv(bench: Path = BENCH) -> Path | None:
+    """The venv that the harness's setup_venv.sh makes when given no folder (its ``VENV=${1:-...}``)."""
+    import re
+
+    try:
+        match = re.search(r"^VENV=\$\{1:-([^}]+)\}", (bench / "setup_venv.sh").read_text(), re.M)
+    except OSError:
+        return None
+    return Path(match.group(1)) if match else None
+
+
+def find_anchor_python(given: str | None, bench: Path = BENCH) -> str:
+    """The Python that runs the anchors: the one given, else $KSHOT_ANCHOR_PYTHON, else the
+    setup script's venv; it must import learn2learn, higher and torchopt."""
+    named = given or os.environ.get(ANCHOR_PYTHON_ENV)
+    venv = setup_script_venv(bench)
+    candidates = [Path(named)] if named else ([venv / "bin" / "python"] if venv else [])
+    how = (f"make one with `bash {bench / 'setup_venv.sh'} DIR`, then pass --anchor-python DIR/bin/python "
+           f"or set {ANCHOR_PYTHON_ENV}")
+    for python in candidates:
+        if not python.is_file():
+            continue
+        probe = subprocess.run([str(python), "-c", "import " + ", ".join(ANCHOR_MODULES)], capture_output=True)
+        if probe.returncode == 0:
+            return str(python)
+        if named:
+            raise SystemExit(f"maml_speed: {python} cannot import {', '.join(ANCHOR_MODULES)}; {how}")
+    tried = ", ".join(str(p) for p in candidates) or "no candidate (no setup_venv.sh in " + str(bench) + ")"
+    raise SystemExit(f"maml_speed: no Python for the anchors found (tried {tried}); {how}")
 
 
 def peak_rss_mib() -> float:
@@ -114,7 +152,7 @@ def anchor_step(torch, impl: str, first_order: bool, meta_batch: int):
     import torch.nn as nn
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(Path(HARNESS).parent))
+    sys.path.insert(0, str(HARNESS.parent))
     import anchor_speed as harness
 
     torch.manual_seed(0)
@@ -166,7 +204,7 @@ def run_one(impl: str, order: str, steps: int, args) -> dict:
             return {"impl": impl, "order": order, "steps": steps, "skipped": "the harness builds 1 inner step only"}
         if impl == "torchopt" and order == "fo":
             return {"impl": impl, "order": order, "steps": steps, "skipped": "the harness has no first-order torchopt"}
-        python = args.anchor_python
+        python = args.anchor_python or find_anchor_python(None)
     cmd = [python, "-W", "ignore", os.path.abspath(__file__), "--worker", impl, "--order", order,
            "--steps", str(steps)] + common
     t0 = time.perf_counter()
@@ -237,8 +275,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--meta-batch", type=int, default=META_BATCH)
-    p.add_argument("--anchor-python", default="/tmp/anchors-venv/bin/python",
-                   help="python of the venv made by /work/shared/bench/setup_venv.sh")
+    p.add_argument("--anchor-python", default=None,
+                   help=f"python of the venv made by ../shared/bench/setup_venv.sh (default: ${ANCHOR_PYTHON_ENV}, "
+                        f"else that script's default venv, if it imports the anchors)")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--out", default="runs/maml_speed.jsonl", help="append one JSON line per run here")
     p.add_argument("--report", help="print the table of medians of this JSONL file (and --plot)")
@@ -252,6 +291,8 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args.order, int(args.steps), args)))
         return 0
+    if any(impl in ANCHOR_IMPLS for impl in args.impls.split(",")):
+        args.anchor_python = find_anchor_python(args.anchor_python)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for steps in (int(s) for s in args.steps.split(",")):

@@ -49,17 +49,52 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+#: The preset named on the command line, so that ``kshot train --preset P --help`` shows its values.
+_HELP_PRESET: str | None = None
+
+
+def _registered_choices() -> dict[str, str]:
+    """The settings whose values are names in a registry, and those names."""
+    from kshot.data import DATASETS
+    from kshot.learners import LEARNERS
+    from kshot.models import list_models
+    from kshot.tasks.families import TASK_FAMILIES
+
+    datasets = sorted(set(DATASETS) | set(TASK_FAMILIES))
+    return {"algo": ", ".join(sorted(LEARNERS)), "backbone": ", ".join(list_models()),
+            "dataset": ", ".join(datasets) + ", or several joined by + (e.g. clinc150+banking77)"}
+
+
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return '""' if value == "" else str(value)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     helps = _field_help()
-    group = parser.add_argument_group("settings (override the preset and config file)")
+    choices = _registered_choices()
+    defaults = TrainConfig().to_dict()
+    chosen = PRESETS.get(_HELP_PRESET or "", (None, {}))[1]
+    title = (f"settings (override the preset and config file; values of --preset {_HELP_PRESET} shown)"
+             if chosen else "settings (override the preset and config file; `kshot train --preset NAME "
+                            "--help` shows a preset's values)")
+    group = parser.add_argument_group(title)
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "dict": str, "bool": _bool}[f.type]  # type: ignore[index]
-        metavar = "JSON" if f.type == "dict" else f.type.upper()  # type: ignore[union-attr]
+        kind = {"int": int, "float": float, "str": str, "dict": str, "bool": _bool}.get(f.type, str)  # type: ignore[arg-type]
+        metavar = "JSON" if f.type == "dict" else str(f.type).upper()
+        text = helps.get(f.name, "")
+        if f.name in choices:
+            text += f"; one of {choices[f.name]}"
+        values = [] if "default" in text else [f"default {_shown(defaults[f.name])}"]
+        if f.name in chosen and chosen[f.name] != defaults[f.name]:
+            values.append(f"preset {_HELP_PRESET}: {_shown(chosen[f.name])}")
+        text += f" ({'; '.join(values)})" if values else ""
         group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=metavar,
-                           help=helps.get(f.name, "").replace("%", "%%"))
+                           help=text.replace("%", "%%"))
 
 
 # ----------------------------------------------------------------------------- train
@@ -101,6 +136,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from scratch even if --run-dir holds a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_arguments(p)
+    p.epilog = ("On a shared or loaded machine, --threads 1 is often several times faster than torch's "
+                "default thread count.")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -109,11 +146,17 @@ def run_eval(args: argparse.Namespace) -> int:
     from kshot.runs.evaluate import evaluate_checkpoint
 
     _set_threads(args.threads)
+    if args.out:  # before the evaluation, not after it
+        from kshot.errors import DataError
+        from kshot.services.files import check_writable
+
+        check_writable(args.out, "the result file", DataError, "give --out a writable file")
     evaluation = evaluate_checkpoint(
         args.checkpoint, ways=args.ways, shots=args.shots, queries=args.queries, tasks=args.tasks,
         split=args.split, seed=args.seed, within_groups=args.within_groups, episodes=args.episodes,
         dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
-        data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
+        data_dir=args.data_dir, cache_dir=args.cache_dir, data_path=args.data_path, device=args.device,
+        progress=not args.quiet)
     result = evaluation.result
     print(evaluation.description)
     if result.is_regression:
@@ -121,9 +164,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
     if args.out:
-        from kshot.services.files import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(evaluation.record, indent=2) + "\n")
+        evaluation.write_json(args.out)
     return 0
 
 
@@ -153,9 +194,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    "(cross-domain evaluation; a+b for tasks from each of several)")
     p.add_argument("--protocol", help="dataset split protocol")
     p.add_argument("--image-size", type=int, dest="image_size")
-    p.add_argument("--data-dir", dest="data_dir")
-    p.add_argument("--cache-dir", dest="cache_dir")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", dest="data_dir", help="archives (default: $KSHOT_DATA_DIR, else the "
+                   "user cache; never the one recorded in the checkpoint)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="writable caches (default: $KSHOT_CACHE_DIR, "
+                   "else the user cache)")
+    p.add_argument("--data-path", dest="data_path", help="a run on your own folder or table: where that "
+                   "data is now (default: where it was when the run trained)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--out", help="also write the result as JSON here")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -178,9 +223,9 @@ def run_verify(args: argparse.Namespace) -> int:
     if "image_format" not in ckpt.extra:
         raise CheckpointError(f"{args.checkpoint} does not record the image format its model was trained "
                               f"on, so image files cannot be read for it")
+    learner = learner_from_checkpoint(ckpt).eval()  # checks the checkpoint's records first
     fmt = ImageFormat.from_dict(ckpt.extra["image_format"])
     first, second = fmt.read(args.first), fmt.read(args.second)
-    learner = learner_from_checkpoint(ckpt).eval()
     if args.threshold is not None:
         how = "given"
         learner.threshold.fill_(learner.from_display(args.threshold))
@@ -224,6 +269,11 @@ def run_adapt(args: argparse.Namespace) -> int:
     more = f", ... ({model.ways} classes)" if model.ways > 8 else ""
     print(f"adapted {model.learner.algo} to {model.ways} classes from {len(support.names)} support "
           f"examples: {classes}{more}", file=info)
+    if support.inverted is not None and predictions.inverted is not None:
+        print(f"polarity: the model reads light strokes on a dark ground; inverted the images with a light "
+              f"ground ({int(support.inverted.sum())} of {len(support.names)} support, "
+              f"{int(predictions.inverted.sum())} of {len(predictions.names)} query), kept the others",
+              file=info)
     if args.out == "-":
         sys.stdout.write(predictions.to_csv())
     else:
@@ -241,9 +291,9 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--support", required=True,
                    help="folder with one sub-folder of images per class (or, for a model trained on "
                         "a table, a CSV/Parquet file with the label column)")
-    p.add_argument("--query", required=True,
-                   help="folder of images to classify, loose or in class sub-folders (then accuracy "
-                        "is printed too); or a table")
+    p.add_argument("--query", required=True, nargs="+",
+                   help="images to classify: a folder of them, loose or in class sub-folders (then "
+                        "accuracy is printed too), or image files; or a table")
     p.add_argument("--out", default="predictions.csv",
                    help="CSV written with one row per query: file, predicted class, probability of "
                         "each class (default: predictions.csv; '-' prints it)")
@@ -288,6 +338,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _HELP_PRESET
+    words = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(words):  # only to show a preset's values in --help
+        if word == "--preset" and i + 1 < len(words):
+            _HELP_PRESET = words[i + 1]
+        elif word.startswith("--preset="):
+            _HELP_PRESET = word.split("=", 1)[1]
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 try:
@@ -102,6 +103,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
+        for f in fields(self):  # types first, strictly (a config built in Python skips the parsing)
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        collide = sorted(set(self.extra) & {f.name for f in fields(self)})
+        if collide:
+            raise ConfigError(f"extra.{collide[0]} repeats the setting {collide[0]}; set it directly "
+                              f"(--{collide[0].replace('_', '-')}), not in extra")
         positive = ("ways", "shots", "meta_batch_size", "steps", "image_size", "test_queries")
         for name in positive:
             if getattr(self, name) < 1:
@@ -201,10 +208,31 @@ def register_preset(name: str, description: str, overrides: dict[str, Any]) -> N
 
 
 def preset(name: str) -> dict[str, Any]:
+    if not isinstance(name, str):
+        raise ConfigError(f"preset must be the name of a preset, not {name!r}")
     if name not in PRESETS:
         close = [p for p in PRESETS if name.split("-")[0] in p][:4] or sorted(PRESETS)[:4]
         raise ConfigError(f"unknown preset {name!r}; `kshot presets` lists them (e.g. {', '.join(close)})")
     return dict(PRESETS[name][1], preset=name)
+
+
+#: Config files are a few hundred bytes; a larger one is not a config file.
+MAX_CONFIG_BYTES = 1 << 20
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+#: Integers a setting may hold (a seed beyond 64 bits cannot seed anything).
+INT_LIMIT = 2 ** 63
+
+
+def _yaml(text: str, path: Path):
+    """YAML with no aliases: ``*name`` repeats a node, and nested repeats make a few hundred
+    bytes expand to gigabytes (an "alias bomb"); a flat mapping of settings never needs them."""
+    import yaml
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"{path} uses a YAML alias ({event.start_mark.line + 1}: *{event.anchor}); "
+                              f"kshot reads settings without aliases: write the value out")
+    return yaml.safe_load(text)
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -212,19 +240,29 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES // 1024} KiB; a config is a short "
+                          f"mapping of settings")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
+            data = _yaml(text, path)
         else:
-            raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+            data = json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"cannot parse {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     except Exception as e:  # yaml.YAMLError, without importing yaml up front
         if type(e).__module__.startswith("yaml"):
             raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
@@ -234,31 +272,64 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        value = int(value)
+    elif isinstance(value, str):
+        if not value.strip().lstrip("+-").isdigit():
+            raise ValueError
+        value = int(value)
+    if not isinstance(value, int) or not -INT_LIMIT < value < INT_LIMIT:
+        raise ValueError
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    return number
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """Check and convert one setting to its field's type (files give ints for floats, etc.)."""
+    """Check one setting against its field's type, strictly: a bool is not an integer, an
+    unknown word is not a boolean, NaN is not a number; files may give ints for floats."""
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     if name not in kinds:
         raise ConfigError(f"unknown setting {name!r}; `kshot train --help` lists them")
     kind = kinds[name]
     try:
         if kind == "bool":
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+                return BOOL_WORDS[value.strip().lower()]
+            raise ValueError
         if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
+            return _integer(value)
         if kind == "float":
-            return float(value)
+            return _number(value)
         if kind == "str":
-            return str(value)
+            if not isinstance(value, str):
+                raise ValueError
+            return value
         if kind == "dict":
             if isinstance(value, str):
                 value = json.loads(value)
-            if not isinstance(value, dict):
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise ValueError
             return dict(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting {name} must be of type {kind}, not {value!r}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        wanted = {"bool": "true or false", "int": f"a whole number (below 2**63)", "float": "a finite number",
+                  "str": "text", "dict": "a mapping (JSON object)"}.get(kind, kind)
+        raise ConfigError(f"setting {name} must be {wanted}, not {str(value)[:60]!r}"
+                          f"{' (' + type(value).__name__ + ')' if not isinstance(value, str) else ''}") from None
     return value
 
 
@@ -281,5 +352,7 @@ def resolve_config(preset_name: str | None = None, file: str | os.PathLike | Non
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a saved config, ignoring fields this version does not know."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a saved config must be a mapping of settings, not {type(data).__name__}")
     known = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: _coerce(k, v) for k, v in data.items() if k in known})

@@ -22,6 +22,11 @@ class CheckpointError(KshotError):
     """A checkpoint is missing, unreadable, or was not written by kshot."""
 
 
+class TrainingError(KshotError):
+    """Training cannot go on as set: a loss or meta-gradient is no longer a finite number, or the
+    run directory cannot be written (read-only, full)."""
+
+
 class DistributedError(KshotError):
     """The processes of a distributed run could not meet, or one of them failed or stopped."""
 
@@ -32,3 +37,7 @@ class KshotWarning(UserWarning):
 
 class DataWarning(KshotWarning):
     """Some input was skipped (unreadable images, classes too small to draw tasks from)."""
+
+
+class WaitingWarning(KshotWarning):
+    """kshot waits for another process (one building a cache it needs), and says whom it waits for."""

@@ -137,6 +137,10 @@ class Conv4(nn.Sequential):
 
 
 def _image_input(shape: Sequence[int]) -> dict:
+    if len(shape) != 3:
+        raise ConfigError(f"this backbone reads images [channels, height, width], but the data's examples "
+                          f"have shape {tuple(shape)} (table or text features): choose a backbone for "
+                          f"feature vectors (--backbone mlp, sparse_mlp or feature_weights)")
     return {"in_channels": int(shape[0]), "image_size": int(shape[-1])}
 
 

@@ -8,6 +8,7 @@ directory and writes caches to the cache directory (see :mod:`kshot.data.archive
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,8 +19,8 @@ from kshot.data.folders import ImageFolder
 from kshot.data.miniimagenet import MiniImageNet
 from kshot.data.multisource import SOURCE_SEPARATOR, MultiSourceDataset
 from kshot.data.omniglot import Omniglot
-from kshot.data.splits import DEFAULT_FRACTIONS, ClassSplit, natural_key, resolve_split
-from kshot.data.tables import TableDataset, TableFormat, find_label_column, read_table
+from kshot.data.splits import DEFAULT_FRACTIONS, ClassSplit, natural_key, resolve_split, write_split
+from kshot.data.tables import TableDataset, TableFormat, check_feature_columns, find_label_column, read_table
 from kshot.data.text import Banking77, Clinc150, TextDataset, TextFeaturiser
 from kshot.errors import ConfigError, DataError, DataWarning
 
@@ -62,11 +63,20 @@ def _miniimagenet(split: str, image_size: int = 84, data_dir: str | None = None,
     return MiniImageNet(split, image_size=image_size, data_dir=data_dir or None, cache_dir=cache_dir or None)
 
 
-def _class_split(class_names, split_file: str, split_seed: int, split_fractions) -> ClassSplit:
+def _class_split(class_names, split_file: str, split_seed: int, split_fractions) -> tuple[ClassSplit, bool]:
+    """The class split, and whether it was drawn now (and is still to be written to ``split_file``,
+    once the data has been read whole: a failed start must not leave a split behind)."""
     if not split_file:
         warnings.warn("no split file given: the class split is drawn from split_seed and not "
                       "recorded; pass --split-file to keep it", DataWarning, stacklevel=3)
-    return resolve_split(class_names, split_file or None, seed=split_seed, fractions=split_fractions)
+    drawn = not (split_file and Path(split_file).is_file())
+    return resolve_split(class_names, split_file if not drawn else None, seed=split_seed,
+                         fractions=split_fractions), drawn and bool(split_file)
+
+
+def _keep_split(split_file: str, split: ClassSplit, drawn: bool) -> None:
+    if drawn:
+        write_split(split_file, split)
 
 
 @register_dataset("folder")
@@ -78,8 +88,10 @@ def _folder(split: str, data_path: str = "", split_file: str = "", image_size: i
         raise ConfigError("--dataset folder needs --data-path: a folder with one sub-folder of images per class")
     folder = ImageFolder(data_path, image_size=image_size, channels=channels or None, invert=bool(invert),
                          cache_dir=cache_dir or None)
-    classes = _class_split(folder.class_names, split_file, split_seed, split_fractions).classes(split)
-    return _named_subset(folder, classes, split, split_file)
+    classes, drawn = _class_split(folder.class_names, split_file, split_seed, split_fractions)
+    subset = _named_subset(folder, classes.classes(split), split, split_file)
+    _keep_split(split_file, classes, drawn)
+    return subset
 
 
 @register_dataset("table")
@@ -91,13 +103,16 @@ def _table(split: str, data_path: str = "", split_file: str = "", label_column: 
         raise ConfigError("--dataset table needs --data-path: a CSV or Parquet file with a label column")
     table = read_table(data_path)
     label_column = find_label_column(table, label_column or None)
+    features = list(feature_columns) if feature_columns else [c for c in table.names if c != label_column]
+    features = check_feature_columns(table, label_column, features)
     names = sorted({str(v) for v in table.columns[label_column]}, key=natural_key)
-    classes = _class_split(names, split_file, split_seed, split_fractions)
+    classes, drawn = _class_split(names, split_file, split_seed, split_fractions)
     labels = table.columns[label_column].astype(str)
     # Features are scaled with statistics of the meta-training classes only.
-    features = list(feature_columns) if feature_columns else [c for c in table.names if c != label_column]
     fmt = TableFormat.fit(table, label_column, features, rows=np.isin(labels, classes.train))
-    return _named_subset(TableDataset(table, table_format=fmt), classes.classes(split), split, split_file)
+    subset = _named_subset(TableDataset(table, table_format=fmt), classes.classes(split), split, split_file)
+    _keep_split(split_file, classes, drawn)
+    return subset
 
 
 def _named_subset(dataset: FewShotDataset, classes: list[str], split: str, split_file: str) -> FewShotDataset:

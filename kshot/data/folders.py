@@ -24,7 +24,6 @@ import json
 import os
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,12 +33,13 @@ import torch
 
 from kshot.data.archives import cache_dir as resolve_cache_dir
 from kshot.services.files import atomic_path, atomic_write_text, file_lock
+from kshot.services.processes import worker_pool
 from kshot.data.base import FewShotDataset
 from kshot.data.images import IMAGE_SUFFIXES, ImageFormat
 from kshot.data.splits import natural_key
 from kshot.errors import DataError, DataWarning
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: images of either polarity read alike where the format inverts
 #: Files read to guess the channels of a folder whose format is not given.
 _CHANNEL_SAMPLE = 400
 #: Below this many images, decoding stays in this process.
@@ -127,30 +127,34 @@ def _channels_of(image) -> int:
     return 3
 
 
-def _decode_chunk(args: tuple[list[str], dict]) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode files into ``[n, C, S, S]`` uint8; failures come back as (position, reason)."""
+def _decode_chunk(args: tuple[list[str], dict]) -> tuple[np.ndarray, list[tuple[int, str]], list[int]]:
+    """Decode files into ``[n, C, S, S]`` uint8; failures come back as (position, reason), and the
+    positions of the images that were inverted."""
     paths, fmt_dict = args
     fmt = ImageFormat.from_dict(fmt_dict)
     out = np.zeros((len(paths), *fmt.shape), dtype=np.uint8)
-    failed = []
+    failed, inverted = [], []
     for i, path in enumerate(paths):
         try:
-            out[i] = fmt.read_array(path)
+            out[i], flipped = fmt.read_array_and_inverted(path)
+            if flipped:
+                inverted.append(i)
         except DataError as e:
             failed.append((i, str(e).split(": ", 1)[-1]))
         except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
             failed.append((i, f"{type(e).__name__}: {e}"[:120]))
-    return out, failed
+    return out, failed, inverted
 
 
 def decode_images(paths: Sequence[Path], fmt: ImageFormat, workers: int | None = None,
                   progress: bool = False, desc: str = "decoding images"
-                  ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+                  ) -> tuple[np.ndarray, list[tuple[int, str]], list[int]]:
     """Decode image files to uint8 ``[n, C, S, S]`` and list the unreadable ones.
 
     Returns:
-        (images, failures): failed images are left as zeros; ``failures`` holds
-        ``(position in paths, reason)``.
+        (images, failures, inverted): failed images are left as zeros; ``failures`` holds
+        ``(position in paths, reason)``; ``inverted`` the positions of the images that had a light
+        ground and were inverted (only where ``fmt.invert``).
     """
     from tqdm.auto import tqdm
 
@@ -162,23 +166,25 @@ def decode_images(paths: Sequence[Path], fmt: ImageFormat, workers: int | None =
         chunks = np.array_split(np.arange(len(names)), workers * 8)
     images = np.zeros((len(names), *fmt.shape), dtype=np.uint8)
     failures: list[tuple[int, str]] = []
+    inverted: list[int] = []
     jobs = [([names[i] for i in c], fmt.to_dict()) for c in chunks]
     with tqdm(total=len(names), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         if len(chunks) == 1:
             results = map(_decode_chunk, jobs)
             pool = None
         else:
-            pool = ProcessPoolExecutor(workers)
+            pool = worker_pool(workers)
             results = pool.map(_decode_chunk, jobs)
         try:
-            for chunk, (array, failed) in zip(chunks, results):
+            for chunk, (array, failed, flipped) in zip(chunks, results):
                 images[chunk] = array
                 failures += [(int(chunk[i]), reason) for i, reason in failed]
+                inverted += [int(chunk[i]) for i in flipped]
                 bar.update(len(chunk))
         finally:
             if pool is not None:
                 pool.shutdown()
-    return images, failures
+    return images, failures, inverted
 
 
 def warn_skipped(skipped: Sequence[tuple[str, str]], total: int, where: str | os.PathLike) -> None:
@@ -223,9 +229,9 @@ class ImageFolder(FewShotDataset):
         labels = np.concatenate([np.full(len(files), c, dtype=np.int64) for c, (_, files) in enumerate(listing)])
         relative = [p.relative_to(self.root).as_posix() for p in paths]
         if cache:
-            images, failures = self._cached_decode(paths, relative, progress)
+            images, failures, inverted = self._cached_decode(paths, relative, progress)
         else:
-            images, failures = decode_images(paths, image_format, progress=progress)
+            images, failures, inverted = decode_images(paths, image_format, progress=progress)
         bad = np.zeros(len(paths), dtype=bool)
         bad[[i for i, _ in failures]] = True
         self.skipped = [(relative[i], reason) for i, reason in sorted(failures)]
@@ -238,6 +244,10 @@ class ImageFolder(FewShotDataset):
                                 f"{self.root} could be read (e.g. {relative[first]}: {reason}); "
                                 f"replace them or remove the folder")
         keep = np.flatnonzero(~bad)
+        flipped = np.zeros(len(paths), dtype=bool)
+        flipped[inverted] = True
+        #: Per example: whether its file had a light ground and was inverted (``invert`` formats).
+        self.inverted = flipped[keep]
         self._images = images if not bad.any() else images[keep]
         self.labels = labels[keep]
         self.files = [relative[i] for i in keep]
@@ -255,24 +265,26 @@ class ImageFolder(FewShotDataset):
         base = resolve_cache_dir(self._cache_root) / "folders" / key
         array_path, index_path = base.with_suffix(".npy"), base.with_suffix(".json")
         if not index_path.is_file():
-            with file_lock(base.with_suffix(".lock")):
+            with file_lock(base.with_suffix(".lock"), what=f"decoding {self.root} into the cache"):
                 if not index_path.is_file():
-                    images, failures = decode_images(paths, self.image_format, progress=progress,
-                                                     desc=f"decoding {self.root.name}")
+                    images, failures, inverted = decode_images(paths, self.image_format, progress=progress,
+                                                               desc=f"decoding {self.root.name}")
                     with atomic_path(array_path) as tmp:
                         with open(tmp, "wb") as f:
                             np.save(f, images)
                     # The index is written last: its presence means the array is complete.
                     atomic_write_text(index_path, json.dumps({"root": str(self.root), "files": len(paths),
-                                                              "failures": failures}))
+                                                              "failures": failures, "inverted": inverted}))
         try:
-            failures = [(int(i), str(r)) for i, r in json.loads(index_path.read_text())["failures"]]
+            index = json.loads(index_path.read_text())
+            failures = [(int(i), str(r)) for i, r in index["failures"]]
+            inverted = [int(i) for i in index.get("inverted", [])]
             images = np.load(array_path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"the cache of {self.root} at {base}.* is unreadable ({e}); delete it") from None
         if images.shape != (len(paths), *self.image_format.shape):
             raise DataError(f"the cache {array_path} does not match {self.root}; delete it")
-        return images, failures
+        return images, failures, inverted
 
     def class_examples(self) -> Sequence[np.ndarray]:
         return self._examples
@@ -290,28 +302,43 @@ class ImageFolder(FewShotDataset):
 class ImageSet:
     """Images read from a folder for prediction. Shapes: ``x [n, C, S, S]``.
 
-    ``labels`` holds each image's class name when the folder had class sub-folders, else None.
+    ``labels`` holds each image's class name when the folder had class sub-folders, else None;
+    ``inverted`` says of each image whether it had a light ground and was inverted (``invert``
+    formats).
     """
 
     x: torch.Tensor
     files: list[str]
     labels: list[str] | None
     skipped: list[tuple[str, str]]
+    inverted: np.ndarray | None = None
 
 
 def read_labelled_images(root: str | os.PathLike, image_format: ImageFormat) -> ImageSet:
     """Every image of a class-per-sub-folder ``root``, decoded in memory (no cache)."""
     folder = ImageFolder(root, image_format=image_format, cache=False, progress=False)
     x = folder.load(np.arange(len(folder)))
-    return ImageSet(x, folder.files, [folder.class_names[c] for c in folder.labels], folder.skipped)
+    return ImageSet(x, folder.files, [folder.class_names[c] for c in folder.labels], folder.skipped,
+                    folder.inverted)
 
 
-def read_query_images(root: str | os.PathLike, image_format: ImageFormat) -> ImageSet:
-    """Query images: either loose images (unlabelled) or class sub-folders (labelled).
+def read_query_images(root: str | os.PathLike | Sequence[str | os.PathLike], image_format: ImageFormat) -> ImageSet:
+    """Query images: loose images or class sub-folders (labelled) in a folder, or image files.
+
+    ``root`` is a folder, one image file, or a list of image files (named as given).
 
     Raises:
-        DataError: the folder is missing, holds no images, or mixes both layouts.
+        DataError: the folder or a file is missing, holds no images, or mixes both layouts.
     """
+    if not isinstance(root, (str, os.PathLike)) or Path(root).expanduser().is_file():
+        files = [Path(p).expanduser() for p in ([root] if isinstance(root, (str, os.PathLike)) else root)]
+        for path in files:
+            if not path.exists():
+                raise DataError(f"query image {path} not found")
+            if not is_image_file(path):
+                raise DataError(f"query {path} is neither a folder nor an image file "
+                                f"({', '.join(IMAGE_SUFFIXES)})")
+        return _read_loose(files, [str(p) for p in files], "the query files", image_format)
     root = Path(root).expanduser()
     _require_dir(root, "query folder")
     entries = _visible(root.iterdir())
@@ -325,14 +352,19 @@ def read_query_images(root: str | os.PathLike, image_format: ImageFormat) -> Ima
         return read_labelled_images(root, image_format)
     if not loose:
         raise DataError(f"query folder {root} holds no images{_why_empty(entries)}")
-    images, failures = decode_images(loose, image_format)
-    names = [p.name for p in loose]
+    return _read_loose(loose, [p.name for p in loose], root, image_format)
+
+
+def _read_loose(paths: list[Path], names: list[str], where, image_format: ImageFormat) -> ImageSet:
+    images, failures, inverted = decode_images(paths, image_format)
     bad = {i for i, _ in failures}
     skipped = [(names[i], reason) for i, reason in sorted(failures)]
-    warn_skipped(skipped, len(names), root)
+    warn_skipped(skipped, len(names), where)
     keep = [i for i in range(len(names)) if i not in bad]
     if not keep:
-        raise DataError(f"none of the {len(names)} images in {root} could be read "
+        raise DataError(f"none of the {len(names)} images in {where} could be read "
                         f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
     x = torch.from_numpy(images[keep]).float().div_(255.0)
-    return ImageSet(x, [names[i] for i in keep], None, skipped)
+    flipped = np.zeros(len(names), dtype=bool)
+    flipped[inverted] = True
+    return ImageSet(x, [names[i] for i in keep], None, skipped, flipped[keep])

@@ -19,6 +19,8 @@ from kshot.errors import DataError
 
 #: File endings treated as images when scanning folders.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+#: Largest side of a model's input images (a 3 x 1024 x 1024 batch of 256 is already 3 GiB).
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,10 @@ class ImageFormat:
     Args:
         channels: 1 (grey) or 3 (RGB).
         size: side of the square image after resizing.
-        invert: model images are the negative of ordinary pictures (Omniglot: strokes bright on a
-            dark ground, while the files are black strokes on white).
+        invert: the model reads strokes bright on a dark ground (Omniglot), while drawings and
+            scans are usually dark on light. Each image's ground is judged from its border
+            (:func:`has_light_ground`): an image with a light ground is inverted, one whose ground
+            is already dark is kept, so both polarities reach the model the same way.
     """
 
     channels: int
@@ -39,8 +43,8 @@ class ImageFormat:
     def __post_init__(self):
         if self.channels not in (1, 3):
             raise DataError(f"images must have 1 or 3 channels, not {self.channels}")
-        if self.size < 1:
-            raise DataError(f"image size must be positive, not {self.size}")
+        if not 1 <= self.size <= MAX_IMAGE_SIZE:
+            raise DataError(f"image size must be between 1 and {MAX_IMAGE_SIZE} pixels, not {self.size}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -60,6 +64,10 @@ class ImageFormat:
         their EXIF orientation, 16-bit and float images are scaled to 8 bits, and the image is
         resized (not cropped) to a square.
         """
+        return self.array_and_inverted(image)[0]
+
+    def array_and_inverted(self, image) -> tuple[np.ndarray, bool]:
+        """:meth:`array`, and whether the image was inverted (``invert`` and a light ground)."""
         from PIL import Image, ImageOps
 
         image = ImageOps.exif_transpose(image)
@@ -73,9 +81,10 @@ class ImageFormat:
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
         array = np.asarray(image, dtype=np.uint8)
-        if self.invert:
+        inverted = self.invert and has_light_ground(array)
+        if inverted:
             array = 255 - array
-        return array[None] if self.channels == 1 else array.transpose(2, 0, 1).copy()
+        return (array[None] if self.channels == 1 else array.transpose(2, 0, 1).copy()), inverted
 
     def convert(self, image) -> torch.Tensor:
         """A PIL image as float32 ``[C, size, size]`` in [0, 1]."""
@@ -83,13 +92,17 @@ class ImageFormat:
 
     def read_array(self, path: str | os.PathLike) -> np.ndarray:
         """Read one image file as uint8 ``[C, size, size]``; unreadable files are a DataError."""
+        return self.read_array_and_inverted(path)[0]
+
+    def read_array_and_inverted(self, path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+        """:meth:`read_array`, and whether the image was inverted (see ``invert``)."""
         from PIL import Image, UnidentifiedImageError
 
         path = Path(path)
         try:
             with Image.open(path) as image:
                 image.load()
-                return self.array(image)
+                return self.array_and_inverted(image)
         except FileNotFoundError:
             raise DataError(f"image {path} not found") from None
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
@@ -101,6 +114,17 @@ class ImageFormat:
         """Read one image file as float32 ``[C, size, size]`` in [0, 1]; unreadable files are a
         DataError naming them."""
         return torch.from_numpy(self.read_array(path)).float().div_(255.0)
+
+
+def has_light_ground(array: np.ndarray) -> bool:
+    """Whether an image (uint8 ``[H, W]`` or ``[H, W, 3]``) has a light ground: the median of its
+    border (the outer sixteenth on each side), where drawings and scans have no strokes, is in
+    the upper half of the grey scale."""
+    grey = array.mean(-1) if array.ndim == 3 else array
+    h, w = grey.shape
+    k = max(1, min(h, w) // 16)
+    border = np.concatenate([grey[:k].ravel(), grey[-k:].ravel(), grey[:, :k].ravel(), grey[:, -k:].ravel()])
+    return bool(np.median(border) >= 128)
 
 
 def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:

@@ -162,7 +162,7 @@ def _from_csv(folder: Path, split: str, fmt: ImageFormat, progress: bool) -> tup
     if missing:
         raise DataError(f"{len(missing)} of the {len(paths)} images that {split}.csv lists are not in "
                         f"{folder / 'images'} (e.g. {missing[0].name}); the copy is incomplete")
-    images, failures = decode_images(paths, fmt, progress=progress, desc=f"decoding mini-ImageNet {split}")
+    images, failures, _ = decode_images(paths, fmt, progress=progress, desc=f"decoding mini-ImageNet {split}")
     if failures:
         i, reason = failures[0]
         raise DataError(f"{len(failures)} mini-ImageNet images cannot be read (e.g. {paths[i].name}: "
@@ -214,7 +214,7 @@ def build_cache(split: str, image_size: int = 84, root: str | os.PathLike | None
     array_path, index_path = base.with_suffix(".npy"), base.with_suffix(".json")
     if index_path.is_file():
         return array_path, index_path
-    with file_lock(base.with_suffix(".lock")):
+    with file_lock(base.with_suffix(".lock"), what=f"building the mini-ImageNet {split} cache"):
         if index_path.is_file():
             return array_path, index_path
         fmt = ImageFormat(3, image_size)

@@ -23,18 +23,18 @@ import io
 import os
 import re
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from kshot.data.archives import RemoteFile, cache_dir, find_archive, open_zip
+from kshot.data.archives import RemoteFile, cache_dir, check_declared_sizes, find_archive, open_zip, read_member
 from kshot.data.base import FewShotDataset
 from kshot.data.images import ImageFormat
 from kshot.errors import DataError
 from kshot.services.files import atomic_path, file_lock
+from kshot.services.processes import worker_pool
 
 _BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 ARCHIVES = {
@@ -46,6 +46,8 @@ ARCHIVES = {
 #: What each official archive holds: alphabets, characters, drawings per character.
 EXPECTED = {"background": (30, 964), "evaluation": (20, 659)}
 DRAWINGS = 20
+#: A drawing is a 105x105 1-bit PNG of a few hundred bytes; a member declaring more is refused unread.
+MAX_DRAWING_BYTES = 1 << 20
 ROTATIONS = (0, 90, 180, 270)
 
 VALIDATION_ALPHABETS = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
@@ -63,6 +65,7 @@ _MEMBER = re.compile(r"^images_(background|evaluation)/([^/]+)/character(\d{2})/
 def _scan(path: Path, part: str) -> list[tuple[str, str, int]]:
     """Check an archive by its contents and list its drawings as (member, alphabet, character)."""
     with open_zip(path) as zf:
+        check_declared_sizes(zf, MAX_DRAWING_BYTES)
         names = zf.namelist()
     drawings: dict[tuple[str, int], list[str]] = {}
     for name in names:
@@ -95,11 +98,13 @@ def _decode_chunk(args: tuple[str, list[str], int]) -> np.ndarray:
     with zipfile.ZipFile(path) as zf:
         for i, name in enumerate(names):
             try:
-                with Image.open(io.BytesIO(zf.read(name))) as img:
+                with Image.open(io.BytesIO(read_member(zf, name, MAX_DRAWING_BYTES))) as img:
                     img = img.convert("L")
                     if img.size != (size, size):
                         img = img.resize((size, size), Image.Resampling.LANCZOS)
                     out[i] = 255 - np.asarray(img, dtype=np.uint8)  # ink bright, ground dark
+            except DataError:
+                raise
             except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt archive
                 raise DataError(f"cannot decode {name} in {path}: {e}") from None
     return out
@@ -110,7 +115,7 @@ def _decode(path: Path, names: list[str], size: int, workers: int) -> np.ndarray
         return _decode_chunk((str(path), names, size))
     chunks = np.array_split(np.arange(len(names)), workers * 4)
     jobs = [(str(path), [names[i] for i in c], size) for c in chunks]
-    with ProcessPoolExecutor(workers) as pool:
+    with worker_pool(workers) as pool:
         return np.concatenate(list(pool.map(_decode_chunk, jobs)))
 
 
@@ -121,7 +126,7 @@ def build_cache(root: str | os.PathLike | None = None, cache: str | os.PathLike 
     target = cache_dir(cache) / "omniglot" / f"omniglot-{image_size}px-v{_CACHE_VERSION}.npz"
     if target.is_file():
         return target
-    with file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock"), what=f"building the Omniglot cache {target}"):
         if target.is_file():  # another process built it while we waited
             return target
         parts = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,11 +21,15 @@ import torch
 
 from kshot.data.base import FewShotDataset
 from kshot.data.splits import natural_key
-from kshot.errors import DataError
+from kshot.errors import DataError, DataWarning
 
 #: Label column names tried, in order, when none is given.
 LABEL_COLUMNS = ("label", "class", "category", "target", "y")
+#: Cells read as a missing number. A label is missing only when empty: "none" or "na" can be a
+#: class (MovieLens has an occupation called "none").
 _MISSING = {"", "na", "nan", "n/a", "null", "none", "?"}
+#: Duplicated rows named in a warning (the rest are counted).
+_SHOWN = 3
 
 
 @dataclass
@@ -33,10 +38,17 @@ class Table:
 
     columns: dict[str, np.ndarray]
     path: Path
+    lines: list[int] | None = None  # the file line of each data row (text tables)
 
     @property
     def names(self) -> list[str]:
         return list(self.columns)
+
+    def row_name(self, i: int) -> str:
+        """Data row ``i`` (0-based) as kshot names it everywhere, the predictions CSV included:
+        counted from 1 after the header, with the file's line number for text tables."""
+        line = self.lines[i] if self.lines is not None and i < len(self.lines) else None
+        return f"row {i + 1}" + (f" (line {line})" if line is not None else "")
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
@@ -58,26 +70,31 @@ def _read_csv(path: Path) -> Table:
             sample = f.read(65536)
             f.seek(0)
             delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in sample and "," not in sample) else ","
-            rows = list(csv.reader(f, delimiter=delimiter))
+            reader = csv.reader(f, delimiter=delimiter)
+            rows, lines = [], []
+            for row in reader:
+                if any(cell.strip() for cell in row):  # blank lines are skipped
+                    rows.append(row)
+                    lines.append(reader.line_num)
     except UnicodeDecodeError:
         raise DataError(f"{path} is not a UTF-8 text table (is it a Parquet or Excel file? "
                         f"kshot reads CSV and Parquet)") from None
     except (OSError, csv.Error) as e:
         raise DataError(f"cannot read table {path} ({e})") from None
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
     if len(rows) < 2:
         raise DataError(f"table {path} needs a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
     if len(set(header)) != len(header):
         dup = next(h for h in header if header.count(h) > 1)
         raise DataError(f"table {path} has the column {dup!r} twice")
-    for line, row in enumerate(rows[1:], start=2):
+    where = Table({}, path, lines=lines[1:])
+    for i, row in enumerate(rows[1:]):
         if len(row) != len(header):
-            raise DataError(f"{path} row {line} has {len(row)} cells but the header has "
+            raise DataError(f"{path} {where.row_name(i)} has {len(row)} cells but the header has "
                             f"{len(header)} columns")
     cells = np.array(rows[1:], dtype=object)
     return Table({name: np.array([c.strip() for c in cells[:, i]], dtype=str)
-                  for i, name in enumerate(header)}, path)
+                  for i, name in enumerate(header)}, path, lines=lines[1:])
 
 
 def _read_parquet(path: Path) -> Table:
@@ -114,13 +131,13 @@ def numeric_column(table: Table, name: str) -> np.ndarray:
             try:
                 out[i] = float(cell)
             except ValueError:
-                raise DataError(f"column {name!r} of {table.path} is not numeric (row {i + 2}: "
+                raise DataError(f"column {name!r} of {table.path} is not numeric ({table.row_name(i)}: "
                                 f"{cell[:40]!r}); drop it, encode it as numbers, or choose the "
                                 f"feature columns") from None
     missing = np.flatnonzero(~np.isfinite(out))
     if len(missing):
         raise DataError(f"column {name!r} of {table.path} has {len(missing)} missing or infinite "
-                        f"values (first at row {missing[0] + 2}); fill them in or drop those rows")
+                        f"values (first at {table.row_name(int(missing[0]))}); fill them in or drop those rows")
     return out
 
 
@@ -136,6 +153,46 @@ def find_label_column(table: Table, label_column: str | None = None) -> str:
                 return column
     raise DataError(f"table {table.path} has none of the label columns {', '.join(LABEL_COLUMNS)}; "
                     f"name the column that holds the classes (label_column)")
+
+
+def check_feature_columns(table: Table, label_column: str, features: Sequence[str]) -> list[str]:
+    """The feature columns asked for, all of them in ``table`` and none of them the label."""
+    features = [str(f) for f in features]
+    unknown = [f for f in features if f not in table.columns]
+    if unknown:
+        raise DataError(f"table {table.path} has no column {unknown[0]!r} (asked for as a feature; its "
+                        f"columns: {', '.join(table.names[:8])}{', ...' if len(table.names) > 8 else ''})")
+    if label_column in features:
+        raise DataError(f"the label column {label_column!r} of {table.path} cannot also be a feature column")
+    if not features:
+        raise DataError(f"table {table.path} has no feature columns besides {label_column!r}")
+    return features
+
+
+def duplicate_rows(x: np.ndarray) -> list[tuple[int, int]]:
+    """``(row, earlier row)`` for every row of ``x [n, F]`` that repeats an earlier one exactly."""
+    first: dict[bytes, int] = {}
+    found = []
+    for i, row in enumerate(np.ascontiguousarray(x)):
+        key = row.tobytes()
+        if key in first:
+            found.append((i, first[key]))
+        else:
+            first[key] = i
+    return found
+
+
+def warn_duplicates(table: Table, x: np.ndarray) -> int:
+    """Warn, counting them, about rows whose features repeat an earlier row's: a task can then
+    hold a row as support and its copy as query, which inflates accuracy. Returns the count."""
+    found = duplicate_rows(x)
+    if found:
+        shown = "; ".join(f"{table.row_name(i)} = {table.row_name(j)}" for i, j in found[:_SHOWN])
+        more = f"; and {len(found) - _SHOWN} more" if len(found) > _SHOWN else ""
+        warnings.warn(f"{len(found)} of the {len(x)} rows of {table.path} repeat an earlier row's features "
+                      f"exactly ({shown}{more}): a task may hold a row as support and its copy as query, "
+                      f"which inflates accuracy; drop the duplicates", DataWarning, stacklevel=3)
+    return len(found)
 
 
 @dataclass
@@ -181,9 +238,11 @@ class TableFormat:
         if self.label_column not in table.columns:
             return None
         labels = [str(v) for v in table.columns[self.label_column]]
-        empty = [i for i, v in enumerate(labels) if v.strip().lower() in _MISSING]
+        empty = [i for i, v in enumerate(labels) if not v.strip()]
         if empty:
-            raise DataError(f"{table.path} row {empty[0] + 2} has no label in column {self.label_column!r}")
+            raise DataError(f"{table.path} {table.row_name(empty[0])} has no label in column "
+                            f"{self.label_column!r}{f' (and {len(empty) - 1} more rows)' if len(empty) > 1 else ''}; "
+                            f"label them or drop them")
         return labels
 
 
@@ -206,14 +265,11 @@ class TableDataset(FewShotDataset):
         if table_format is None:
             label_column = find_label_column(table, label_column)
             features = list(feature_columns) if feature_columns else [c for c in table.names if c != label_column]
-            unknown = [f for f in features if f not in table.columns]
-            if unknown:
-                raise DataError(f"table {table.path} has no column {unknown[0]!r}")
-            if not features:
-                raise DataError(f"table {table.path} has no feature columns besides {label_column!r}")
+            features = check_feature_columns(table, label_column, features)
             table_format = TableFormat.fit(table, label_column, features)
         self.table_format = table_format
         self.x = table_format.features_of(table)
+        self.duplicates = warn_duplicates(table, self.x.numpy())
         labels = table_format.labels_of(table)
         if labels is None:
             raise DataError(f"table {table.path} has no label column {table_format.label_column!r}")

@@ -61,6 +61,7 @@ class Siamese(Learner):
 
     algo = "siamese"
     config_options = ("similarity", "margin")
+    sampler_options = ("pairs", "augment")  # settings its training pairs take (checked by kshot.runs.build)
 
     def __init__(self, model: nn.Module, similarity: str = "koch", margin: float = 1.0,
                  embedding_dim: int | None = None):

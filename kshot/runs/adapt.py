@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +31,7 @@ from kshot.data.folders import read_labelled_images, read_query_images
 from kshot.data.images import ImageFormat
 from kshot.data.splits import natural_key
 from kshot.data.tables import TableFormat, read_table
-from kshot.errors import CheckpointError, DataError
+from kshot.errors import CheckpointError, DataError, DataWarning
 from kshot.learners.base import Learner
 from kshot.runs.build import learner_from_checkpoint
 from kshot.services.files import atomic_write_text
@@ -42,7 +43,8 @@ class Inputs:
     """Examples read for adaptation or prediction. Shapes: ``x [n, ...]``.
 
     ``names`` identifies each example (a file path relative to the folder, or a table row
-    number); ``labels`` holds class names, or None when the examples are unlabelled.
+    number); ``labels`` holds class names, or None when the examples are unlabelled;
+    ``inverted`` says of each image whether it had a light ground and was inverted for the model.
     """
 
     x: torch.Tensor
@@ -50,6 +52,7 @@ class Inputs:
     labels: list[str] | None
     skipped: list[tuple[str, str]]
     kind: str  # "file" or "row"
+    inverted: np.ndarray | None = None
 
 
 class InputReader:
@@ -91,13 +94,13 @@ class InputReader:
         if self.image_format is not None:
             f = self.image_format
             return (f"{'grey' if f.channels == 1 else 'colour'} {f.size}x{f.size} images"
-                    f"{', inverted' if f.invert else ''}")
+                    f"{', light strokes on a dark ground (images with a light ground inverted)' if f.invert else ''}")
         return f"table rows of {len(self.table_format.features)} features"  # type: ignore[union-attr]
 
     def _check_kind(self, path: Path, what: str) -> None:
-        if self.image_format is not None and path.is_file():
-            raise DataError(f"--{what} {path} is a file, but this checkpoint reads images: give a folder "
-                            f"({'one sub-folder per class' if what == 'support' else 'of images'})")
+        if self.image_format is not None and path.is_file() and what == "support":
+            raise DataError(f"--support {path} is a file, but support images need their class: give a "
+                            f"folder with one sub-folder of images per class")
         if self.table_format is not None and path.is_dir():
             raise DataError(f"--{what} {path} is a folder, but this checkpoint was trained on a table: "
                             f"give a CSV or Parquet file with the columns it was trained on")
@@ -112,7 +115,7 @@ class InputReader:
         self._check_kind(path, "support")
         if self.image_format is not None:
             images = read_labelled_images(path, self.image_format)
-            inputs = Inputs(images.x, images.files, images.labels, images.skipped, "file")
+            inputs = Inputs(images.x, images.files, images.labels, images.skipped, "file", images.inverted)
         else:
             inputs = self._read_table(path, "support")
             if inputs.labels is None:
@@ -120,13 +123,22 @@ class InputReader:
                                 f"{self.table_format.label_column!r}")  # type: ignore[union-attr]
         return take_shots(inputs, shots, path) if shots else inputs
 
-    def read_query(self, path: str | os.PathLike) -> Inputs:
-        """Examples to classify: loose images or class sub-folders, or a table (label column optional)."""
+    def read_query(self, path: str | os.PathLike | Sequence[str | os.PathLike]) -> Inputs:
+        """Examples to classify: a folder of loose images or class sub-folders, image files (one,
+        or a list), or a table (label column optional)."""
+        if not isinstance(path, (str, os.PathLike)):
+            paths = [Path(p) for p in path]
+            if len(paths) != 1:
+                if self.image_format is None:
+                    raise DataError("give one query table")
+                images = read_query_images(paths, self.image_format)
+                return Inputs(images.x, images.files, images.labels, images.skipped, "file", images.inverted)
+            path = paths[0]
         path = Path(path).expanduser()
         self._check_kind(path, "query")
         if self.image_format is not None:
             images = read_query_images(path, self.image_format)
-            return Inputs(images.x, images.files, images.labels, images.skipped, "file")
+            return Inputs(images.x, images.files, images.labels, images.skipped, "file", images.inverted)
         return self._read_table(path, "query")
 
     def _read_table(self, path: Path, what: str) -> Inputs:
@@ -135,6 +147,7 @@ class InputReader:
         table = read_table(path)
         fmt = self.table_format
         assert fmt is not None
+        # Rows are named by their number, counted from 1 after the header, as in kshot's errors.
         return Inputs(fmt.features_of(table), [str(i + 1) for i in range(len(table))],
                       fmt.labels_of(table), [], "row")
 
@@ -157,7 +170,7 @@ def take_shots(inputs: Inputs, shots: int, where: Path) -> Inputs:
         if seen[label] <= shots:
             keep.append(i)
     return Inputs(inputs.x[keep], [inputs.names[i] for i in keep], [inputs.labels[i] for i in keep],
-                  inputs.skipped, inputs.kind)
+                  inputs.skipped, inputs.kind, None if inputs.inverted is None else inputs.inverted[keep])
 
 
 class AdaptedModel:
@@ -223,6 +236,7 @@ class Predictions:
     probabilities: np.ndarray  # [n, ways]
     true_labels: list[str] | None
     kind: str = "file"
+    inverted: np.ndarray | None = None  # per query image: inverted for the model (light ground)
 
     @property
     def predicted(self) -> list[str]:
@@ -263,7 +277,26 @@ class Predictions:
         return path
 
 
-def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike, query: str | os.PathLike,
+def warn_query_copies(support: Inputs, query: Inputs) -> int:
+    """Warn, counting them, about query examples that are exact copies of support examples (the
+    same file twice, a table row repeated): predicting them says nothing about new inputs."""
+    index = {}
+    for name, row in zip(support.names, support.x.reshape(len(support.x), -1).numpy()):
+        index.setdefault(row.tobytes(), name)
+    copies = [(name, index[row.tobytes()]) for name, row in zip(query.names, query.x.reshape(len(query.x), -1).numpy())
+              if row.tobytes() in index]
+    if copies:
+        what = "rows" if query.kind == "row" else "images"
+        shown = "; ".join(f"{query.kind} {q} = support {query.kind} {s}" for q, s in copies[:3])
+        more = f"; and {len(copies) - 3} more" if len(copies) > 3 else ""
+        warnings.warn(f"{len(copies)} of the {len(query.names)} query {what} are exact copies of support "
+                      f"{what} ({shown}{more}); their predictions (and accuracy) say little about new "
+                      f"inputs", DataWarning, stacklevel=3)
+    return len(copies)
+
+
+def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike,
+                      query: str | os.PathLike | Sequence[str | os.PathLike],
                       shots: int | None = None, device: str | torch.device = "cpu",
                       batch_size: int = 256) -> tuple[AdaptedModel, Inputs, Predictions]:
     """Adapt the checkpoint's learner to ``support`` and classify ``query``.
@@ -272,10 +305,11 @@ def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike,
         (the adapted model, the support inputs, the predictions for the query examples)
     """
     ckpt = load_checkpoint(checkpoint)
+    learner = learner_from_checkpoint(ckpt)  # checks the checkpoint's records before reading inputs by them
     reader = InputReader.from_checkpoint(ckpt)
-    learner = learner_from_checkpoint(ckpt)
     support_in = reader.read_support(support, shots)
     query_in = reader.read_query(query)
+    warn_query_copies(support_in, query_in)
     model = AdaptedModel(learner, support_in.x, support_in.labels or [], device, batch_size)
     if query_in.labels is not None:
         unknown = sorted(set(query_in.labels) - set(model.class_names), key=natural_key)
@@ -285,4 +319,4 @@ def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike,
                             f"name the query sub-folders after support classes")
     probabilities = model.predict_proba(query_in.x).numpy()
     return model, support_in, Predictions(query_in.names, model.class_names, probabilities,
-                                          query_in.labels, query_in.kind)
+                                          query_in.labels, query_in.kind, query_in.inverted)

@@ -9,15 +9,17 @@ itself, so the way from "a saved run" to "its test tasks" goes down the layers o
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
 import torch
 
-from kshot.config import TrainConfig
+from kshot.config import PRESETS, TrainConfig, config_from_dict
 from kshot.data import load_dataset
 from kshot.data.base import FewShotDataset
-from kshot.errors import CheckpointError, ConfigError
+from kshot.data.images import MAX_IMAGE_SIZE
+from kshot.errors import CheckpointError, ConfigError, KshotError
 from kshot.learners import LEARNERS, Learner, create_learner
 from kshot.models import create_model
 from kshot.services.checkpoint import Checkpoint, load_checkpoint
@@ -28,10 +30,46 @@ def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when torch sees one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
     return device
+
+
+def option_owners() -> dict[str, list[str]]:
+    """Each learner option among the settings -> the algorithms that use it (what each learner
+    declares in ``config_options``, and ``sampler_options`` for its training tasks)."""
+    owners: dict[str, list[str]] = {}
+    for algo, cls in sorted(LEARNERS.items()):
+        for name in (*cls.config_options, *getattr(cls, "sampler_options", ())):
+            owners.setdefault(name, []).append(algo)
+    return owners
+
+
+def check_config(config: TrainConfig) -> None:
+    """What only the layers that know the learners can check in a config: the algorithm exists,
+    every learner option set is one the algorithm uses, classification tasks have 2+ ways.
+
+    An option counts as set when it differs from its default and from the preset's value (a
+    preset of one learner used with ``--algo`` of another keeps its own options quietly).
+    """
+    if config.algo not in LEARNERS:
+        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+    baseline = TrainConfig().to_dict()
+    if config.preset in PRESETS:
+        baseline.update(PRESETS[config.preset][1])
+    for name, algos in option_owners().items():
+        if config.algo in algos or getattr(config, name) == baseline[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {getattr(config, name)} is an option of {' and '.join(algos)}, which "
+                          f"{config.algo} does not use; drop it, or choose --algo {algos[0]}")
+    if task_family(config.dataset) is None and min(config.ways, config.eval_ways) < 2:
+        raise ConfigError(f"{min(config.ways, config.eval_ways)}-way tasks have one possible answer (accuracy "
+                          f"is always 100%); use --ways and --test-ways of 2 or more")
 
 
 def dataset_settings(config: TrainConfig) -> dict:
@@ -111,17 +149,127 @@ def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
     return LEARNERS[config.algo].from_config(config, example_shape)
 
 
+def non_finite_weights(learner: Learner) -> list[str]:
+    """Names of the learner's weights (its parameters and the backbone's buffers, such as
+    batch-norm statistics) that hold NaN or infinity. Other buffers may be NaN by design (a
+    Siamese threshold not calibrated yet)."""
+    named = list(learner.named_parameters())
+    model = getattr(learner, "model", None)
+    if isinstance(model, torch.nn.Module):
+        named += [(f"model.{n}", b) for n, b in model.named_buffers()]
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _build(spec: dict) -> Learner:
+    model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
+    return create_learner(spec["algo"], model, **spec.get("options", {}))
+
+
+def _malformed(what: str, error: BaseException) -> CheckpointError:
+    text = (str(error).splitlines() or [type(error).__name__])[0][:160]
+    return CheckpointError(f"the checkpoint's {what} is malformed ({text}); it was not written by this "
+                           f"kshot, or has been edited")
+
+
 def learner_from_checkpoint(ckpt: Checkpoint) -> Learner:
-    """Rebuild the learner a checkpoint describes and load its weights."""
+    """Rebuild the learner a checkpoint describes and load its weights.
+
+    The description is untrusted: the learner is first built on the ``meta`` device (no memory),
+    and its tensors' names and shapes must be those in the file before anything real is built;
+    weights that are NaN or infinite (a run that diverged) are refused; so is a record of the
+    input form (``extra``) that does not fit the model.
+    """
     spec = ckpt.learner
+    lists = [v for v in spec["model"]["kwargs"].values() if isinstance(v, (list, tuple))]
+    if any(len(v) > len(ckpt.state_dict) for v in lists):  # one layer per entry, each with tensors
+        raise CheckpointError(f"the checkpoint's backbone record asks for more layers than the "
+                              f"{len(ckpt.state_dict)} tensors in the file")
     try:
-        model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
-        learner = create_learner(spec["algo"], model, **spec.get("options", {}))
+        with torch.device("meta"):
+            skeleton = _build(spec)
+    except (KshotError, KeyError, RuntimeError, TypeError, ValueError, OverflowError) as e:
+        raise _malformed("learner record", e) from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [k for k in expected if k in found and expected[k] != found[k]]
+    if missing or unexpected or wrong:
+        if wrong:
+            detail = f"{wrong[0]} is {found[wrong[0]]} in the file but {expected[wrong[0]]} in the record"
+        else:
+            detail = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+        raise CheckpointError(f"the checkpoint does not match the learner it describes, so its tensors "
+                              f"were not loaded ({spec['algo']}, {spec['model']['name']}: {detail})")
+    check_extra(ckpt.extra, ckpt.state_dict)
+    try:
+        learner = _build(spec)
         learner.load_state_dict(ckpt.state_dict)
-    except (KeyError, RuntimeError, TypeError) as e:
+    except (KshotError, KeyError, RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint does not match the learner it describes "
                               f"({str(e).splitlines()[0][:160]})") from None
+    bad = non_finite_weights(learner)
+    if bad:
+        raise CheckpointError(f"the checkpoint holds non-finite weights ({len(bad)} of "
+                              f"{len(learner.state_dict())} tensors, e.g. {bad[0]}): its run diverged; "
+                              f"retrain with a lower learning rate")
     return learner
+
+
+def _positive_ints(value, what: str, limit: int) -> list[int]:
+    if (not isinstance(value, list) or not 1 <= len(value) <= 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in value)):
+        raise CheckpointError(f"the checkpoint's {what} must be a list of 1 to 4 positive integers up to "
+                              f"{limit}, not {str(value)[:60]}")
+    return value
+
+
+def check_extra(extra: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's record of its inputs, checked before anything is built from it: the example
+    shape, and the image format or table columns that must agree with it."""
+    largest = max((max(t.shape, default=1) for t in state_dict.values()), default=1)
+    shape = None
+    if "example_shape" in extra:
+        shape = _positive_ints(extra["example_shape"], "example_shape", max(MAX_IMAGE_SIZE, largest))
+        if math.prod(shape) > 1 << 22:  # a 3 x 1024 x 1024 image, or 4M text features
+            raise CheckpointError(f"the checkpoint's example_shape {shape} is larger than any input kshot reads")
+    fmt = extra.get("image_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise CheckpointError("the checkpoint's image_format must be a mapping")
+        channels, size = fmt.get("channels"), fmt.get("size")
+        _positive_ints([channels, size], "image_format (channels, size)", MAX_IMAGE_SIZE)
+        if not isinstance(fmt.get("invert", False), bool):
+            raise CheckpointError("the checkpoint's image_format.invert must be true or false")
+        if shape is not None and shape != [channels, size, size]:
+            raise CheckpointError(f"the checkpoint's image_format ({channels} channels, {size} px) does not "
+                                  f"match the example shape {shape} its model was trained on")
+    table = extra.get("table_format")
+    if table is not None:
+        ok = (isinstance(table, dict) and isinstance(table.get("label_column"), str)
+              and all(isinstance(table.get(k), list) for k in ("features", "mean", "std")))
+        if ok:
+            n = len(table["features"])
+            ok = (all(isinstance(f, str) for f in table["features"])
+                  and len(table["mean"]) == len(table["std"]) == n
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                          for v in table["mean"] + table["std"])
+                  and all(v > 0 for v in table["std"]) and (shape is None or shape == [n]))
+        if not ok:
+            raise CheckpointError("the checkpoint's table_format must name its label column and give one "
+                                  "finite mean and positive std per feature column, as many as the "
+                                  "example shape says")
+
+
+def config_of(ckpt: Checkpoint) -> TrainConfig:
+    """The config a checkpoint was trained with, checked, and with no path of its own to write
+    to: its data and cache directories are dropped (the user's, or the defaults, are used)."""
+    try:
+        config = config_from_dict(ckpt.config)
+        config.validate()
+    except KshotError as e:
+        raise CheckpointError(f"the checkpoint's config is malformed ({e})") from None
+    config.data_dir, config.cache_dir = "", ""
+    return config
 
 
 def load_learner(path: str | os.PathLike, device: str | torch.device = "cpu") -> Learner:

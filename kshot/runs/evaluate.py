@@ -7,21 +7,26 @@ report it so, which makes figures comparable.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kshot.config import MIN_TEST_TASKS, config_from_dict
-from kshot.errors import ConfigError
+from kshot.config import MIN_TEST_TASKS
+from kshot.data import SPLIT_FILE_DATASETS
+from kshot.data.multisource import SOURCE_SEPARATOR
+from kshot.errors import CheckpointError, ConfigError, DataError
 from kshot.learners.base import Learner
-from kshot.runs.build import evaluation_tasks, learner_from_checkpoint, resolve_device
+from kshot.runs.build import config_of, evaluation_tasks, learner_from_checkpoint, resolve_device
 from kshot.services.checkpoint import load_checkpoint
 from kshot.services.distributed import Distributed
+from kshot.services.files import atomic_write_text, check_writable
 from kshot.tasks import Task, TaskSlice
 
 
@@ -140,35 +145,55 @@ class CheckpointEvaluation:
     def __str__(self) -> str:
         return f"{self.description}\n{self.result}"
 
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write :attr:`record` as JSON, atomically; a path that cannot be written is a DataError."""
+        path = check_writable(path, "the result file", DataError, "give --out a writable file")
+        try:
+            atomic_write_text(path, json.dumps(self.record, indent=2) + "\n")
+        except OSError as e:
+            raise DataError(f"cannot write the result file {path} ({e.strerror or e})") from None
+        return path
+
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: int = 0, queries: int = 15,
                         tasks: int = 1000, split: str = "test", seed: int | None = None,
                         within_groups: bool | None = None, episodes: str = "fixed",
                         dataset: str | None = None, protocol: str | None = None,
                         image_size: int | None = None, data_dir: str | None = None,
-                        cache_dir: str | None = None, device: str = "cpu",
+                        cache_dir: str | None = None, data_path: str | None = None, device: str = "cpu",
                         progress: bool = False) -> CheckpointEvaluation:
     """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
 
     Unset options take the run's own settings (its test ways and shots, its dataset and split
-    protocol, whether its tasks came from one class group); ``dataset`` evaluates across domains.
-    Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
+    protocol, whether its tasks came from one class group); ``dataset`` evaluates across domains,
+    ``data_path`` finds a run's own folder or table where it is now. The checkpoint's data and
+    cache directories are never used (``data_dir`` / ``cache_dir``, else the environment's and the
+    defaults), nor is its class split file ever written: it must exist, as recorded or beside the
+    checkpoint. Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
     """
     if tasks < MIN_TEST_TASKS:
         raise ConfigError(f"--tasks {tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
+    for name, value, least in (("ways", ways, 0), ("shots", shots, 0), ("queries", queries, 1)):
+        if value < least:
+            raise ConfigError(f"--{name} must be at least {max(least, 1)}, not {value}")
+    if ways == 1:
+        raise ConfigError("--ways 1: one-way tasks have one possible answer; use 2 or more")
     ckpt = load_checkpoint(checkpoint)
-    config = config_from_dict(ckpt.config)
+    learner = learner_from_checkpoint(ckpt)  # checks the record before the config is trusted
+    config = config_of(ckpt)
     if dataset is not None and dataset != config.dataset and protocol is None:
         config.protocol = ""  # the trained dataset's protocol means nothing to another dataset
     overrides = {"dataset": dataset, "protocol": protocol, "data_dir": data_dir, "cache_dir": cache_dir,
-                 "image_size": image_size}
+                 "image_size": image_size, "data_path": data_path}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
+    if set(config.dataset.split(SOURCE_SEPARATOR)) & SPLIT_FILE_DATASETS:
+        _find_own_data(config, Path(checkpoint), given_path=data_path is not None)
     ways = ways or config.eval_ways
     shots = shots or config.eval_shots
     device = resolve_device(device)
-    learner = learner_from_checkpoint(ckpt).to(device)
+    learner = learner.to(device)
     within = config.test_within_groups if within_groups is None else within_groups
     task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
@@ -182,3 +207,23 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
               "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
               **result.summary()}
     return CheckpointEvaluation(result, described, record)
+
+
+def _find_own_data(config, checkpoint: Path, given_path: bool) -> None:
+    """A run on the user's own data needs that data and its class split: the split file as
+    recorded, or the ``classes.json`` beside the checkpoint (a run directory moved elsewhere)."""
+    if not config.data_path or not Path(config.data_path).expanduser().exists():
+        where = f" ({config.data_path} is not there from {Path.cwd()})" if config.data_path else ""
+        raise ConfigError(f"the run was trained on your own {config.dataset} data{where}; pass "
+                          f"--data-path with where it is now" if not given_path else
+                          f"--data-path {config.data_path} not found")
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if not config.split_file or Path(config.split_file).is_file():
+        return  # no file: the split is drawn from the recorded split seed, and not written
+    beside = run_dir / "classes.json"
+    if beside.is_file():
+        config.split_file = str(beside)
+        return
+    raise CheckpointError(f"the run's class split {config.split_file} is missing (nor is there a "
+                          f"classes.json beside {checkpoint}); it says which classes are test classes, "
+                          f"so kshot will not draw a new one")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -32,21 +32,32 @@ from tqdm.auto import tqdm
 
 from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS
-from kshot.errors import CheckpointError, ConfigError
+from kshot.errors import CheckpointError, ConfigError, KshotError, TrainingError
 from kshot.learners import LEARNERS, Learner
-from kshot.runs.build import (build_learner, checkpoint_extra, evaluation_tasks, load_split, resolve_device,
-                              training_tasks)
+from kshot.runs.build import (build_learner, check_config, checkpoint_extra, evaluation_tasks, load_split,
+                              non_finite_weights, resolve_device, training_tasks)
 from kshot.runs.evaluate import EvalResult, evaluate
 from kshot.services import distributed
 from kshot.services.checkpoint import load_checkpoint, save_checkpoint
 from kshot.services.distributed import Distributed
-from kshot.services.files import atomic_write_text
+from kshot.services.files import atomic_write_text, check_writable
 from kshot.services.plots import plot_curves
 from kshot.tasks import MetaBatch, Task, TaskSource, identity_collate
 
-#: Settings that may change between a run and its resumption without changing what is learned.
+#: Settings that may change between a run and its resumption without changing what is learned
+#: (``steps`` only where the learning rate does not depend on it: see :func:`resumable_changes`).
 RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "log_every", "test_tasks",
                      "num_workers", "threads", "device", "data_dir", "cache_dir", "dist_timeout"}
+#: Learning-rate schedules defined over the whole run: their rate at a step depends on ``steps``.
+SCHEDULES_OVER_STEPS = ("cosine", "linear")
+
+
+def resumable_changes(config: TrainConfig) -> set[str]:
+    """The settings a resumption of this run may change. ``steps`` moves the end of a ``cosine``
+    or ``linear`` schedule, and so the learning rate of every step to come: not for those."""
+    if config.lr_schedule in SCHEDULES_OVER_STEPS:
+        return RESUMABLE_CHANGES - {"steps"}
+    return set(RESUMABLE_CHANGES)
 
 
 @dataclass
@@ -106,8 +117,12 @@ class Trainer:
         if self.config.meta_batch_size % self.dist.world_size:
             raise ConfigError(f"meta_batch_size {config.meta_batch_size} does not divide across "
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
-        if config.algo not in LEARNERS:
-            raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+        check_config(self.config)
+        # Paths are stored resolved, so that the run can be evaluated and resumed from anywhere.
+        if config.dataset in SPLIT_FILE_DATASETS and config.data_path:
+            self.config.data_path = str(Path(config.data_path).expanduser().resolve())
+        if config.split_file:
+            self.config.split_file = str(Path(config.split_file).expanduser().resolve())
         if config.dataset in SPLIT_FILE_DATASETS and not config.split_file:
             # The drawn class split is kept beside the run, so that eval and resume reuse it.
             self.config.split_file = str((self.run_dir / "classes.json").resolve())
@@ -118,6 +133,7 @@ class Trainer:
         self.learner = learner.to(self.device)
         self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
         self.step = 0
+        self._last_saved: int | None = None  # the step last.safetensors holds
         self.best_val: dict | None = None
         self.after_training_summary: dict | None = None  # from the learner's after_training report
 
@@ -150,18 +166,52 @@ class Trainer:
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
+    def _writing(self, path: Path):
+        return _writes_to(path, self.run_dir)
+
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.metrics_path, "a") as f:
+        with self._writing(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _save(self, path: Path, with_optimizer: bool) -> None:
-        if self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        bad = non_finite_weights(self.learner)
+        if bad:  # never write a checkpoint that cannot be used
+            raise TrainingError(f"step {self.step}: {len(bad)} weight tensors are no longer finite (e.g. "
+                                f"{bad[0]}), so {path.name} was not written; {self._what_to_lower()}")
+        with self._writing(path):
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
                             train_state={"step": self.step, "best_val": self.best_val},
                             optimizer=self.optimizer if with_optimizer else None,
                             extra=checkpoint_extra(self.sampler.dataset))
+
+    def _what_to_lower(self) -> str:
+        c = self.config
+        knobs = [f"--lr (now {c.lr:g})"]
+        if "inner_lr" in LEARNERS[c.algo].config_options:
+            knobs.insert(0, f"--inner-lr (now {c.inner_lr:g})")
+        clip = "" if c.grad_clip else ", or set --grad-clip (e.g. 10)"
+        last = (f"; {self.last_path} holds step {self._last_saved}" if self._last_saved is not None else "")
+        return f"lower {' or '.join(knobs)}{clip}{last}"
+
+    def _check_finite(self, step: int, metrics: dict, params: list[torch.Tensor]) -> None:
+        """Stop at the first step whose loss or meta-gradient is NaN or infinite, before the
+        optimiser makes the weights so too."""
+        loss = metrics.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingError(f"step {step + 1}: the meta-training loss is {loss} (not finite), so "
+                                f"training stopped; {self._what_to_lower()}")
+        grads = [(name, p.grad) for name, p in self.learner.named_parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).cpu()
+        if not bool(finite.all()):
+            name = grads[int((~finite).nonzero()[0])][0]
+            raise TrainingError(f"step {step + 1}: the meta-gradient of {name} is not finite "
+                                f"(NaN or inf), so training stopped; {self._what_to_lower()}")
 
     def _resume(self) -> None:
         """Continue from last.safetensors if this run directory has one (read by rank 0, whose
@@ -177,6 +227,7 @@ class Trainer:
             raise CheckpointError(f"{self.last_path} does not fit this run's learner ({e}); "
                                   f"use another --run-dir") from None
         self.step = int(ckpt.train_state.get("step", 0))
+        self._last_saved = self.step
         self.best_val = ckpt.train_state.get("best_val")
         self._truncate_metrics(self.step)
 
@@ -185,8 +236,22 @@ class Trainer:
         if not self.last_path.is_file():
             return None
         ckpt = load_checkpoint(self.last_path)
-        saved = config_from_dict(ckpt.config).to_dict()
+        try:
+            saved = config_from_dict(ckpt.config).to_dict()
+        except KshotError as e:
+            raise CheckpointError(f"{self.last_path} holds a malformed config ({e}); use another "
+                                  f"--run-dir, or delete it to start over") from None
         now = self.config.to_dict()
+        for key in ("data_path", "split_file"):  # runs written before paths were stored resolved
+            if saved.get(key) and not Path(saved[key]).is_absolute():
+                saved[key] = str(Path(saved[key]).expanduser().resolve())
+        if saved.get("steps") != now["steps"] and "steps" not in resumable_changes(self.config):
+            raise ConfigError(f"{self.run_dir} was trained with --steps {saved.get('steps')}, and its "
+                              f"{self.config.lr_schedule} learning-rate schedule runs over those steps: "
+                              f"resuming with --steps {now['steps']} would change the rate of every step "
+                              f"to come. Resume with --steps {saved.get('steps')}, or train with "
+                              f"--lr-schedule constant or step (whose rate does not depend on --steps), "
+                              f"or start a new --run-dir")
         changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
@@ -239,13 +304,15 @@ class Trainer:
         """Train to ``config.steps`` (or ``stop_after`` steps from now), then test the best checkpoint."""
         c = self.config
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            check_writable(self.run_dir / "config.json", "the run directory's", ConfigError,
+                           "choose a writable --run-dir")
         if resume:
             self._resume()
         elif self.dist.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()
         if self.dist.is_main:
-            atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
+            with self._writing(self.run_dir / "config.json"):
+                atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         self.dist.broadcast_state(self.learner)  # every rank starts from rank 0's weights
         start = self.step
         stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
@@ -273,6 +340,7 @@ class Trainer:
                 # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
                 # merged: every rank then holds the state one process would have.
                 metrics = self.dist.average_gradients(params, metrics, statistics)
+                self._check_finite(step, metrics, params)
                 if c.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 self.optimizer.step()
@@ -294,6 +362,7 @@ class Trainer:
                     self._validate_and_keep_best()
                 if self.step % c.checkpoint_every == 0 or self.step == stop:
                     self._save(self.last_path, with_optimizer=True)
+                    self._last_saved = self.step
                 bar.update(1)
                 t_ready = time.perf_counter()
         finally:
@@ -369,8 +438,19 @@ class Trainer:
                    "best_val": self.best_val, "after_training": self.after_training_summary,
                    "steps": self.step, "train_seconds_this_session": seconds,
                    "config": c.to_dict()}
-        atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+        with self._writing(self.run_dir / "results.json"):
+            atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
         return summary["test"]
+
+
+@contextmanager
+def _writes_to(path: Path, run_dir: Path):
+    """Turn a failed write (read-only run directory, full disk) into one line."""
+    try:
+        yield
+    except OSError as e:
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); free some space or make {run_dir} "
+                            f"writable, then run the same command again to resume") from None
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,

@@ -88,11 +88,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         meta = {k: json.loads(v) for k, v in header.items()}
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError, RecursionError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not a readable kshot checkpoint ({str(e).splitlines()[0][:120]})") from None
     if meta.get("format") != FORMAT or "learner" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a kshot checkpoint (format "
                               f"{meta.get('format')!r}, expected {FORMAT!r})")
+    _check_structure(path, meta)
     state_dict = {k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")}
     optimizer = None
     if "optimizer" in meta:
@@ -100,9 +101,48 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         state: dict[int, dict[str, Any]] = {int(i): dict(om["scalars"].get(i, {})) for i in om["slots"]}
         for k, v in tensors.items():
             if k.startswith("optim."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = v
+                parts = k.split(".", 2)
+                if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) not in state:
+                    raise CheckpointError(f"{path} holds an optimiser tensor {k!r} of no recorded slot; "
+                                          f"it was not written by kshot, or has been edited")
+                state[int(parts[1])][parts[2]] = v
         optimizer = {"state": state, "param_groups": om["param_groups"]}
     return Checkpoint(learner=meta["learner"], state_dict=state_dict, config=meta.get("config", {}),
                       train_state=meta.get("train_state", {}), optimizer=optimizer,
                       extra=meta.get("extra", {}))
+
+
+def _check_structure(path: Path, meta: dict[str, Any]) -> None:
+    """The header's JSON has the shape kshot writes; anything else is one CheckpointError line."""
+    def wrong(field: str, wanted: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {field} must be {wanted}; the checkpoint was not written by "
+                               f"kshot, or has been edited")
+
+    learner = meta["learner"]
+    if not isinstance(learner, dict) or not isinstance(learner.get("algo"), str):
+        raise wrong("learner", "a mapping with the algorithm's name ('algo')")
+    if not isinstance(learner.get("options", {}), dict):
+        raise wrong("learner.options", "a mapping")
+    model = learner.get("model")
+    if (not isinstance(model, dict) or not isinstance(model.get("name"), str)
+            or not isinstance(model.get("kwargs", None), dict)):
+        raise wrong("learner.model", "a mapping of the backbone's 'name' and 'kwargs'")
+    for key in ("config", "train_state", "extra"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise wrong(key, "a mapping")
+    state = meta.get("train_state", {})
+    step = state.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise wrong("train_state.step", f"a non-negative integer, not {step!r}")
+    if not isinstance(state.get("best_val"), (dict, type(None))):
+        raise wrong("train_state.best_val", "a mapping")
+    if "optimizer" in meta:
+        om = meta["optimizer"]
+        if (not isinstance(om, dict) or not isinstance(om.get("param_groups"), list)
+                or not all(isinstance(g, dict) for g in om["param_groups"])
+                or not isinstance(om.get("scalars"), dict)
+                or not all(isinstance(v, dict) for v in om["scalars"].values())
+                or not isinstance(om.get("slots"), list)
+                or not all(isinstance(i, str) and i.isdigit() for i in om["slots"])):
+            raise wrong("optimizer", "a mapping of 'param_groups', 'scalars' and 'slots' (the optimiser's "
+                                     "state as kshot saves it)")

@@ -149,3 +149,103 @@ def test_atomic_path_leaves_the_old_file_when_the_write_fails(tmp_path):
             raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["file.txt"]
+
+
+# ----------------------------------------------------------------------------- zip bombs
+def _zeros_member(out: zipfile.ZipFile, name: str, megabytes: int) -> None:
+    """A member of ``megabytes`` MiB of zeros, deflated (about 1,000x smaller in the archive)."""
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with out.open(info, "w", force_zip64=True) as member:
+        block = bytes(1 << 20)
+        for _ in range(megabytes):
+            member.write(block)
+
+
+def test_a_zip_bomb_among_the_omniglot_drawings_is_refused_before_it_is_read(tmp_path, data_dir):
+    """The defect: a member was read whole into memory (1 MB inflating to 1 GiB took 2.3 GB)."""
+    import tracemalloc
+
+    from kshot.data.omniglot import build_cache
+
+    data = tmp_path / "data" / "omniglot"
+    data.mkdir(parents=True)
+    os.symlink(data_dir / "omniglot" / "images_evaluation.zip", data / "images_evaluation.zip")
+    with zipfile.ZipFile(data_dir / "omniglot" / "images_background.zip") as src, \
+            zipfile.ZipFile(data / "images_background.zip", "w", zipfile.ZIP_STORED) as out:
+        bomb = min(n for n in src.namelist() if n.endswith(".png"))  # the first drawing decoded
+        for info in src.infolist():
+            if info.filename == bomb:
+                _zeros_member(out, bomb, megabytes=64)
+            else:
+                out.writestr(info.filename, src.read(info))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=f"{bomb}.*declares 67,108,864 bytes"):
+            build_cache(tmp_path / "data", tmp_path / "cache", workers=1, download=False, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated"
+    assert list((tmp_path / "cache").rglob("*")) == []  # no lock, no temporary, no empty folder left
+
+
+def test_read_member_stops_at_its_cap(tmp_path):
+    from kshot.data.archives import read_member
+
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as out:
+        _zeros_member(out, "big.bin", megabytes=3)
+        out.writestr("small.txt", b"fine")
+    with zipfile.ZipFile(path) as zf:
+        assert read_member(zf, "small.txt", limit=10) == b"fine"
+        with pytest.raises(DataError, match="big.bin.*declares 3,145,728 bytes"):
+            read_member(zf, "big.bin", limit=1 << 20)
+
+
+def test_extraction_refuses_an_archive_declaring_more_than_allowed_before_writing_anything(tmp_path):
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("readme.txt", b"hello")
+        _zeros_member(out, "zeros.bin", megabytes=8)
+    with pytest.raises(DataError, match="declares"):
+        safe_extract(archive, tmp_path / "out", max_bytes=4 << 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.zip"]  # no output, no temporary folder
+    assert (safe_extract(archive, tmp_path / "out", max_bytes=16 << 20) / "readme.txt").read_bytes() == b"hello"
+
+
+# ----------------------------------------------------------------------------- the newcomer's download
+def test_a_failed_download_names_the_data_dir_options_and_leaves_no_folder(tmp_path):
+    import urllib.error
+
+    def unreachable(url):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    remote = RemoteFile("images_background.zip", "https://example.invalid/images_background.zip", md5="0" * 32)
+    target = tmp_path / "home" / ".cache" / "kshot" / "data" / "omniglot" / remote.name
+    with pytest.raises(DataError) as error:
+        download(remote, target, progress=False, opener=unreachable)
+    message = str(error.value)
+    assert "--data-dir" in message and "KSHOT_DATA_DIR" in message and "name resolution" in message
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # the folders made for the download are gone again
+
+
+def test_an_unwritable_data_dir_downloads_into_the_default_one_and_finds_it_there(tmp_path, monkeypatch, data_dir):
+    import urllib.request
+
+    from kshot.data import archives
+    from kshot.errors import DataWarning
+
+    data = (data_dir / "omniglot" / "images_background_small1.zip").read_bytes()
+    remote = RemoteFile("small1.zip", "https://example.invalid/small1.zip", md5=hashlib.md5(data).hexdigest())
+    (tmp_path / "not-a-folder").write_text("")
+    shared = tmp_path / "not-a-folder" / "data"  # cannot be created: its parent is a file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("KSHOT_OFFLINE")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(data))
+    with pytest.warns(DataWarning, match="cannot be written"):
+        got = find_archive(remote, "omniglot", root=shared, progress=False)
+    assert got == tmp_path / "xdg" / "kshot" / "data" / "omniglot" / "small1.zip" and got.read_bytes() == data
+    monkeypatch.setenv("KSHOT_OFFLINE", "1")
+    assert archives.find_archive(remote, "omniglot", root=shared) == got  # found there next time

@@ -56,9 +56,10 @@ def test_columns_are_matched_by_name_when_reading_a_new_table(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("label,a,b\nx,1,oops\n", r"column 'b' .* is not numeric \(row 2: 'oops'\)"),
-    ("label,a\nx,1\ny,\n", r"column 'a' .* has 1 missing or infinite values \(first at row 3\)"),
-    ("label,a\nx,1,2\n", "row 2 has 3 cells but the header has 2 columns"),
+    ("label,a,b\nx,1,oops\n", r"column 'b' .* is not numeric \(row 1 \(line 2\): 'oops'\)"),
+    ("label,a\nx,1\ny,\n", r"column 'a' .* has 1 missing or infinite values \(first at row 2 \(line 3\)\)"),
+    ("label,a\nx,1,2\n", r"row 1 \(line 2\) has 3 cells but the header has 2 columns"),
+    ("label,a\nx,1\n,2\n", r"row 2 \(line 3\) has no label in column 'label'"),
     ("name,a\nx,1\n", "has none of the label columns label, class"),
     ("label,a,a\nx,1,2\n", "has the column 'a' twice"),
     ("label,a\n", "needs a header row and at least one data row"),
@@ -81,3 +82,49 @@ def test_parquet_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(DataError, match=r"needs pyarrow: pip install 'kshot\[tables\]'"):
         read_table(tmp_path / "t.parquet")
+
+
+# ----------------------------------------------------------------------------- defects seen in use
+def test_a_class_named_none_is_a_class_not_a_missing_label(tmp_path):
+    """The defect: MovieLens's occupation "none" was taken for a missing label."""
+    (tmp_path / "t.csv").write_text("label,a\nnone,1\nnone,2\nNA,3\nwriter,4\n")
+    assert TableDataset(tmp_path / "t.csv").class_names == ["NA", "none", "writer"]
+
+
+def test_a_failed_start_leaves_no_split_file_to_block_the_corrected_rerun(tmp_path):
+    split_file = tmp_path / "classes.json"
+    rows = "".join(f"c{c},{10 * c + i}\n" for c in range(6) for i in range(4))
+    (tmp_path / "t.csv").write_text("label,a\n" + rows + "c6,oops\n")
+    with pytest.raises(DataError, match="not numeric"):
+        load_dataset("table", "train", data_path=str(tmp_path / "t.csv"), split_file=str(split_file))
+    assert not split_file.exists()
+    (tmp_path / "t.csv").write_text("label,a\n" + rows)  # the bad class dropped
+    train = load_dataset("table", "train", data_path=str(tmp_path / "t.csv"), split_file=str(split_file))
+    assert split_file.exists() and set(train.class_names) < {f"c{c}" for c in range(6)}
+
+
+def test_feature_columns_that_do_not_exist_are_one_line(tmp_path):
+    (tmp_path / "t.csv").write_text("label,a,b\nx,1,2\ny,3,4\n")
+    with pytest.raises(DataError, match=r"has no column 'nope' \(asked for as a feature; its columns: label, a, b\)"):
+        load_dataset("table", "train", data_path=str(tmp_path / "t.csv"), feature_columns=["a", "nope"])
+    with pytest.raises(DataError, match="label column 'label' .* cannot also be a feature"):
+        load_dataset("table", "train", data_path=str(tmp_path / "t.csv"), feature_columns=["label", "a"])
+
+
+def test_a_table_with_an_image_backbone_is_one_line():
+    from kshot.config import resolve_config
+    from kshot.errors import ConfigError
+    from kshot.runs.build import build_learner
+
+    config = resolve_config(overrides={"dataset": "table", "backbone": "conv4"})
+    with pytest.raises(ConfigError, match=r"reads images .* have shape \(49,\).*--backbone mlp"):
+        build_learner(config, (49,))
+
+
+def test_exact_duplicate_rows_are_counted_and_named_as_the_predictions_csv_names_rows(tmp_path):
+    from kshot.errors import DataWarning
+
+    (tmp_path / "t.csv").write_text("label,a,b\nx,1,2\nx,1,2\ny,3,4\ny,5,6\ny,3,4\nx,7,8\n")
+    with pytest.warns(DataWarning, match=r"2 of the 6 rows .* repeat an earlier row's features exactly "
+                                         r"\(row 2 \(line 3\) = row 1 \(line 2\); row 5 \(line 6\) = row 3"):
+        assert TableDataset(tmp_path / "t.csv").duplicates == 2

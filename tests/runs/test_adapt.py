@@ -162,7 +162,7 @@ def test_bad_support_folders_are_one_line_errors(quick_run, user_folders, tmp_pa
     assert "query class 'Tengwar-character04' is not one of the support classes" in line
     png = next((support / FOLDERS[0]).iterdir())
     line = _adapt_fails(capsys, quick_run, "--support", png, "--query", query, "--out", out)
-    assert "is a file, but this checkpoint reads images" in line
+    assert "is a file, but support images need their class" in line
     assert not out.exists()
     line = _adapt_fails(capsys, quick_run, "--support", user_folders / "support", "--query", query,
                         "--out", tmp_path)
@@ -266,3 +266,86 @@ def test_train_on_a_table_then_adapt_with_csv_files(tmp_path, capsys, omniglot_t
     line = _adapt_fails(capsys, run, "--support", tmp_path, "--query", tmp_path / "query.csv",
                         "--out", tmp_path / "x.csv")
     assert "is a folder, but this checkpoint was trained on a table" in line
+
+
+# ----------------------------------------------------------------------------- defects seen in use
+def _light_on_dark(src, dst):
+    """Copies of the PNGs under ``src`` with light strokes on a dark ground (as some scans are)."""
+    from PIL import ImageOps
+
+    for png in src.rglob("*.png"):
+        target = dst / png.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(png) as image:
+            ImageOps.invert(image.convert("L")).save(target)
+    return dst
+
+
+def test_light_on_dark_images_are_read_as_the_dark_on_light_originals(quick_run, user_folders, tmp_path, capsys):
+    """The defect: light-on-dark strokes were inverted again, silently (42.7 % instead of 80 %)."""
+    query = user_folders / "query" / FOLDERS[0]
+    flipped = _light_on_dark(query, tmp_path / "flipped")
+    runs = {}
+    for name, folder in (("original", query), ("flipped", flipped)):
+        out = tmp_path / f"{name}.csv"
+        assert main(["adapt", str(quick_run), "--support", str(user_folders / "support"), "--query", str(folder),
+                     "--out", str(out)]) == 0
+        runs[name] = (read_csv(out), capsys.readouterr().out)
+    (original, said_original), (flipped_rows, said_flipped) = runs["original"], runs["flipped"]
+    assert [r["predicted"] for r in original] == [r["predicted"] for r in flipped_rows]
+    for a, b in zip(original, flipped_rows):
+        assert all(abs(float(a[f"p({f})"]) - float(b[f"p({f})"])) < 1e-3 for f in FOLDERS)
+    assert "(25 of 25 support, 15 of 15 query)" in said_original  # dark on light: inverted
+    assert "(25 of 25 support, 0 of 15 query)" in said_flipped  # already light on dark: kept
+
+
+def test_single_query_files_are_accepted(quick_run, user_folders, tmp_path, capsys):
+    files = sorted((user_folders / "query" / FOLDERS[1]).glob("*.png"))[:2]
+    out = tmp_path / "p.csv"
+    assert main(["adapt", str(quick_run), "--support", str(user_folders / "support"), "--query", str(files[0]),
+                 "--out", str(out)]) == 0
+    assert [r["file"] for r in read_csv(out)] == [str(files[0])]
+    assert main(["adapt", str(quick_run), "--support", str(user_folders / "support"), "--query",
+                 str(files[0]), str(files[1]), "--out", str(out)]) == 0
+    rows = read_csv(out)
+    assert [r["file"] for r in rows] == [str(f) for f in files] and rows[0]["predicted"] in FOLDERS
+
+
+def test_query_images_that_copy_support_images_are_counted(quick_run, user_folders, tmp_path):
+    import shutil
+
+    from kshot.errors import DataWarning
+
+    query = tmp_path / "query"
+    shutil.copytree(user_folders / "query" / FOLDERS[2], query)
+    copied = sorted((user_folders / "support" / FOLDERS[2]).glob("*.png"))[0]
+    shutil.copy(copied, query / "copy.png")
+    with pytest.warns(DataWarning, match=r"1 of the 16 query images are exact copies of support images "
+                                         rf"\(file copy.png = support file {FOLDERS[2]}/{copied.name}\)"):
+        assert main(["adapt", str(quick_run), "--support", str(user_folders / "support"), "--query", str(query),
+                     "--out", str(tmp_path / "p.csv")]) == 0
+
+
+def test_a_run_on_a_folder_is_evaluated_from_another_directory_and_after_moving(
+        tmp_path, capsys, omniglot_pngs, monkeypatch, cache_dir):
+    """The defect: data_path was stored relative to where training ran, and eval had no --data-path."""
+    import shutil
+
+    work = tmp_path / "work"
+    omniglot_pngs(work / "mine", [f"Angelic/character{i:02d}" for i in range(1, 21)], drawings=range(4))
+    monkeypatch.chdir(work)
+    assert main(["train", "--dataset", "folder", "--data-path", "mine", "--extra", '{"invert": true}',
+                 "--run-dir", "run", "--ways", "3", "--shots", "1", "--queries", "1", "--test-queries", "1",
+                 "--steps", "2", "--val-every", "0", "--test-tasks", "0", "--backbone-options", '{"hidden": 8}',
+                 "--quiet"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    eval_args = ["--tasks", "600", "--queries", "1", "--quiet"]
+    assert main(["eval", str(work / "run"), *eval_args]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    shutil.move(str(work), str(tmp_path / "moved"))  # the run and its data, somewhere else
+    assert main(["eval", str(tmp_path / "moved" / "run"), *eval_args]) == 2
+    assert "pass --data-path with where it is now" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "moved" / "run"), "--data-path", str(tmp_path / "moved" / "mine"),
+                 *eval_args]) == 0

@@ -108,3 +108,101 @@ def test_checkpoint_that_does_not_match_its_learner_is_a_clear_error(tmp_path):
     ckpt.learner["model"]["kwargs"]["hidden"] = 32
     with pytest.raises(CheckpointError, match="does not match"):
         learner_from_checkpoint(ckpt)
+
+
+# ----------------------------------------------------------------------------- untrusted metadata
+def _rewrite(path, **changes):
+    """The checkpoint at ``path`` with header fields replaced (``learner``, ``config``, ...),
+    and optimiser tensors dropped with ``drop_optim=True``: what an edited file looks like."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    drop_optim = changes.pop("drop_optim", False)
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not (drop_optim and k.startswith("optim."))}
+    for key, value in changes.items():
+        header[key] = json.dumps(value)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def _omniglot_checkpoint(tmp_path, with_optimizer=False):
+    from kshot.config import resolve_config
+
+    learner, opt = _trained_learner()
+    config = resolve_config("quick", overrides={"backbone_options": {"hidden": 16}, "distance": "cosine",
+                                                "temperature": 5.0}).to_dict()
+    return save_checkpoint(tmp_path / "best.safetensors", learner, config=config, train_state={"step": 2},
+                           optimizer=opt if with_optimizer else None,
+                           extra={"image_format": {"channels": 1, "size": 28, "invert": True},
+                                  "example_shape": [1, 28, 28]})
+
+
+def test_a_backbone_size_in_the_metadata_is_checked_against_the_tensors_before_anything_is_built(
+        tmp_path, monkeypatch):
+    """The defect: model.kwargs.hidden=6000 allocated 4 GB before the file was refused."""
+    import kshot.runs.build as build
+
+    path = _omniglot_checkpoint(tmp_path)
+    spec = load_checkpoint(path).learner
+    spec["model"]["kwargs"]["hidden"] = 6000
+    _rewrite(path, learner=spec)
+    real = build.create_model
+
+    def guarded(name, **kwargs):
+        assert torch.empty(0).device.type == "meta", "a 6000-wide model was built for real"
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(build, "create_model", guarded)
+    with pytest.raises(CheckpointError, match=r"does not match .* is \(16, 1, 3, 3\) in the file "
+                                              r"but \(6000, 1, 3, 3\)"):
+        learner_from_checkpoint(load_checkpoint(path))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("learner", {"algo": "protonet", "options": {"distance": "cosine", "temperature": "hot"},
+                 "model": {"name": "conv4", "kwargs": {"hidden": 16}}}, "learner record is malformed"),
+    ("learner", {"algo": "protonet", "model": {"name": "conv4", "kwargs": {"hidden": [16] * 99}}},
+     "more layers than the"),
+    ("learner", ["protonet"], "learner must be a mapping"),
+    ("config", ["not", "a", "mapping"], "config must be a mapping"),
+    ("extra", {"example_shape": 5}, "example_shape must be a list"),
+    ("extra", {"example_shape": [1, 28, 28], "image_format": {"channels": 1, "size": 100000}},
+     "image_format .* must be a list of 1 to 4 positive integers up to 1024"),
+    ("extra", {"example_shape": [1, 28, 28], "image_format": {"channels": 1, "size": 84}},
+     "does not match the example shape"),
+    ("train_state", {"step": "abc"}, "train_state.step must be a non-negative integer"),
+])
+def test_each_malformed_field_of_a_checkpoint_is_one_checkpoint_error(tmp_path, field, value, match):
+    path = _rewrite(_omniglot_checkpoint(tmp_path), **{field: value})
+    with pytest.raises(CheckpointError, match=match) as error:
+        learner_from_checkpoint(load_checkpoint(path))
+    assert "\n" not in str(error.value)
+
+
+def test_a_last_checkpoint_without_optimiser_slots_is_one_checkpoint_error(tmp_path):
+    path = _omniglot_checkpoint(tmp_path, with_optimizer=True)
+    optimizer = load_checkpoint(path).optimizer
+    assert optimizer["state"]  # it had slots...
+    _rewrite(path, optimizer={"param_groups": optimizer["param_groups"], "scalars": {}}, drop_optim=True)
+    with pytest.raises(CheckpointError, match="optimizer must be a mapping of 'param_groups', 'scalars' and 'slots'"):
+        load_checkpoint(path)
+
+
+def test_eval_never_writes_where_the_checkpoint_says(tmp_path, cache_dir):
+    """The defect: config.cache_dir in a checkpoint made `kshot eval` build its cache in the
+    folder the checkpoint named, instead of the user's."""
+    from kshot.errors import DataError
+    from kshot.runs.evaluate import evaluate_checkpoint
+
+    path = _omniglot_checkpoint(tmp_path)
+    config = load_checkpoint(path).config
+    elsewhere = tmp_path / "elsewhere"
+    _rewrite(path, config={**config, "cache_dir": str(elsewhere / "cache"), "data_dir": str(elsewhere / "data")})
+    # The test split loads (from the user's cache), then the task set is refused: quick to reach.
+    with pytest.raises(DataError, match="cannot draw 5000-way tasks"):
+        evaluate_checkpoint(path, ways=5000, tasks=600)
+    assert not elsewhere.exists()

@@ -1,0 +1,27 @@
+"""`kshot train --help` says what each setting may be and what it is by default (and in a preset)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from kshot.cli import main
+
+
+def _help(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        main(["train", *args, "--help"])
+    assert done.value.code == 0
+    return re.sub(r"\s+", " ", capsys.readouterr().out)
+
+
+def test_train_help_lists_choices_defaults_and_the_presets_values(capsys):
+    text = _help(capsys)
+    assert "--algo STR meta-learning algorithm; one of anil, fomaml, maml, metasgd, protonet, reptile, siamese (default protonet)" in text
+    assert "--backbone STR backbone network; one of conv4," in text and "(default conv4)" in text
+    assert "--dataset STR dataset name; one of banking77, clinc150, folder, miniimagenet, omniglot, sinusoid, table" in text
+    assert "--steps INT outer steps (meta-batches) to train for (default 10000)" in text
+    assert "--threads 1" in text
+    text = _help(capsys, "--preset", "quick")
+    assert "(default 10000; preset quick: 300)" in text and "values of --preset quick shown" in text
