@@ -316,6 +316,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "float":
             return _number(value)
         if kind == "str":
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
             if not isinstance(value, str):
                 raise ValueError
             return value
@@ -326,9 +328,9 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return dict(value)
     except (TypeError, ValueError, OverflowError, RecursionError):
-        wanted = {"bool": "true or false", "int": f"a whole number (below 2**63)", "float": "a finite number",
-                  "str": "text", "dict": "a mapping (JSON object)"}.get(kind, kind)
-        raise ConfigError(f"setting {name} must be {wanted}, not {str(value)[:60]!r}"
+        wanted = {"bool": "true or false", "int": "a whole number below 2**63", "float": "a finite number",
+                  "str": "text", "dict": "a mapping, a JSON object"}.get(kind, kind)
+        raise ConfigError(f"setting {name} must be of type {kind} ({wanted}), not {str(value)[:60]!r}"
                           f"{' (' + type(value).__name__ + ')' if not isinstance(value, str) else ''}") from None
     return value
 

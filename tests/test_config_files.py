@@ -37,12 +37,12 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("ways: true\n", "ways must be a whole number"),               # a bool is not an int
-    ("test_within_groups: flase\n", "must be true or false"),     # nor is a typo a bool
+    ("ways: true\n", "ways must be of type int"),               # a bool is not an int
+    ("test_within_groups: flase\n", "must be of type bool \\(true or false\\)"),     # nor is a typo a bool
     ("seed: 1180591620717411303424\n", "below 2\\*\\*63"),        # 2**70
-    ("lr: .nan\n", "lr must be a finite number"),
-    ("steps: 12.5\n", "steps must be a whole number"),
-    ("dataset: 5\n", "dataset must be text"),
+    ("lr: .nan\n", "lr must be of type float \\(a finite number\\)"),
+    ("steps: 12.5\n", "steps must be of type int"),
+    ("dataset: 5\n", "dataset must be of type str"),
     ("extra: {cache_dir: /elsewhere}\n", "extra.cache_dir repeats the setting"),
     ("- ways\n- 5\n", "must hold a mapping"),
 ])
@@ -59,8 +59,8 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
 
 
 def test_settings_given_in_python_or_on_the_command_line_are_held_to_the_same_types():
-    with pytest.raises(ConfigError, match="lr must be a finite number"):
+    with pytest.raises(ConfigError, match="lr must be of type float \\(a finite number\\)"):
         resolve_config(overrides={"lr": float("nan")})
-    with pytest.raises(ConfigError, match="ways must be a whole number"):
+    with pytest.raises(ConfigError, match="ways must be of type int"):
         TrainConfig(ways=True).validate()
     assert resolve_config(overrides={"test_within_groups": "yes", "lr": 2}).lr == 2.0  # words and ints still fine

@@ -27,7 +27,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from kshot.errors import DataError, DataWarning
 from kshot.services.files import atomic_path, make_dirs, remove_empty_dirs, temporary_dir
@@ -65,21 +65,23 @@ def search_dirs(path: str | os.PathLike | None = None) -> list[Path]:
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The writable directory for derived caches; created on first use."""
+    """The writable directory for derived caches.
+
+    It is created by the first write into it (so a run that fails before writing anything
+    leaves no empty folder behind); here it is only checked to be writable, or creatable."""
     if path is not None:
         root = Path(path).expanduser()
     elif os.environ.get(CACHE_ENV):
         root = Path(os.environ[CACHE_ENV]).expanduser()
     else:
         root = user_cache_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the cache directory {root} ({e.strerror}); "
-                        f"pass --cache-dir or set {CACHE_ENV} to a writable directory") from None
-    if not os.access(root, os.W_OK):
-        raise DataError(f"the cache directory {root} is not writable; "
-                        f"pass --cache-dir or set {CACHE_ENV} to a writable directory")
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not a writable directory" if probe == root else f"cannot be created ({probe} is not writable)"
+        raise DataError(f"the cache directory {root} {what}; pass --cache-dir or set {CACHE_ENV} to a "
+                        f"writable directory")
     return root
 
 

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -101,17 +102,22 @@ def _writer_tag() -> str:
     return f"{host_tag()}-{os.getpid()}"
 
 
+_TAGGED = re.compile(r"^([0-9a-f]{6})-(\d+)\.[A-Za-z0-9_]+\.tmp$")  # <host>-<pid>.<random>.tmp
+_UNTAGGED = re.compile(r"^[A-Za-z0-9_]{8}\.tmp$")  # mkstemp's <random>.tmp, as older kshot wrote
+
+
 def _is_stale(path: Path, rest: str) -> bool:
     """Whether the temporary ``path`` (``rest``: its name after ``.<target>.``) was left by a
     writer that is gone."""
+    tagged, untagged = _TAGGED.match(rest), _UNTAGGED.match(rest)
+    if not (tagged or untagged):
+        return False  # not one of ours (or another target's whose name starts like this one)
     try:
         mtime = path.lstat().st_mtime
     except FileNotFoundError:
         return False
-    writer = rest.split(".", 1)[0]
-    host, _, pid = writer.partition("-")
-    if len(host) == 6 and pid.isdigit():
-        return host == host_tag() and not process_alive(int(pid), started_by=mtime)
+    if tagged:
+        return tagged.group(1) == host_tag() and not process_alive(int(tagged.group(2)), started_by=mtime)
     return time.time() - mtime > UNTAGGED_STALE_SECONDS
 
 

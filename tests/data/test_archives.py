@@ -249,3 +249,23 @@ def test_an_unwritable_data_dir_downloads_into_the_default_one_and_finds_it_ther
     assert got == tmp_path / "xdg" / "kshot" / "data" / "omniglot" / "small1.zip" and got.read_bytes() == data
     monkeypatch.setenv("KSHOT_OFFLINE", "1")
     assert archives.find_archive(remote, "omniglot", root=shared) == got  # found there next time
+
+
+def test_a_first_run_that_cannot_download_leaves_no_folder_and_no_lock(tmp_path, monkeypatch):
+    """The newcomer's first command on a machine without the archives and without a network."""
+    import urllib.error
+    import urllib.request
+
+    from kshot.data import load_dataset
+
+    def unreachable(url, timeout=None):
+        raise urllib.error.URLError("Network is unreachable")
+
+    for name in ("KSHOT_DATA_DIR", "KSHOT_CACHE_DIR", "KSHOT_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    with pytest.raises(DataError, match=r"could not download images_background.zip .*Network is unreachable.*"
+                                        r"--data-dir / KSHOT_DATA_DIR"):
+        load_dataset("omniglot", "train")
+    assert list(tmp_path.iterdir()) == []  # no cache folder, no data folder, no lock file
