@@ -230,7 +230,7 @@ def _yaml(text: str, path: Path):
 
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
-            raise ConfigError(f"{path} uses a YAML alias ({event.start_mark.line + 1}: *{event.anchor}); "
+            raise ConfigError(f"{path} uses a YAML alias (*{event.anchor}, line {event.start_mark.line + 1}); "
                               f"kshot reads settings without aliases: write the value out")
     return yaml.safe_load(text)
 

@@ -183,15 +183,22 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
 def check_writable(target: str | os.PathLike, what: str, error: type[KshotError], hint: str = "") -> Path:
     """Make sure ``target`` (a file to be written later) can be written, before long work starts.
 
-    Creates its folder if needed and writes and removes a temporary file there; any failure is
-    ``error`` with one line naming ``what`` and the reason (read-only, no space, not a folder)."""
+    Creates its folder if needed and writes and removes a temporary file there, leaving nothing
+    else behind; any failure is ``error`` with one line naming ``what`` and the reason (read-only,
+    no space, a file where a folder should be)."""
     target = Path(target)
     try:
         if target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        probe = target.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is a file, not a folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target.parent / f"{target.name}.check"):
-            pass
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_writer_tag()}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        os.unlink(tmp)
     except OSError as e:
         raise error(f"cannot write {what} {target} ({e.strerror or e}){'; ' + hint if hint else ''}") from None
     return target
