@@ -237,7 +237,10 @@ def check_extra(extra: dict, state_dict: dict[str, torch.Tensor]) -> None:
         if not isinstance(fmt, dict):
             raise CheckpointError("the checkpoint's image_format must be a mapping")
         channels, size = fmt.get("channels"), fmt.get("size")
-        _positive_ints([channels, size], "image_format (channels, size)", MAX_IMAGE_SIZE)
+        if channels not in (1, 3) or isinstance(channels, bool) or not isinstance(size, int) \
+                or isinstance(size, bool) or not 1 <= size <= MAX_IMAGE_SIZE:
+            raise CheckpointError(f"the checkpoint's image_format must give 1 or 3 channels and a size of 1 "
+                                  f"to {MAX_IMAGE_SIZE} pixels, not channels={channels!r}, size={size!r}")
         if not isinstance(fmt.get("invert", False), bool):
             raise CheckpointError("the checkpoint's image_format.invert must be true or false")
         if shape is not None and shape != [channels, size, size]:

@@ -216,7 +216,8 @@ def _process_lock(key: str) -> threading.Lock:
 
 
 def _holder_record() -> bytes:
-    command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:160]
+    argv = getattr(sys, "orig_argv", None) or sys.argv
+    command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(argv))[:120]
     return json.dumps({"pid": os.getpid(), "host": host_tag(), "hostname": socket.gethostname(),
                        "since": time.time(), "command": command}).encode()
 
@@ -235,18 +236,19 @@ def read_lock_holder(fd_or_path: int | str | os.PathLike) -> dict | None:
         return None
 
 
-def _describe_holder(holder: dict | None, path: Path) -> str:
+def _describe_holder(holder: dict | None, path: Path) -> tuple[str, str]:
+    """(who holds the lock, since when), in words."""
     if holder is None:
-        return f"a process that did not record itself in {path}"
+        return "a process that did not record itself", "a while"
     since = float(holder.get("since") or 0)
     age = max(0.0, time.time() - since)
-    when = time.strftime("%H:%M:%S", time.localtime(since))
+    when = f"{time.strftime('%H:%M:%S', time.localtime(since))} ({age:.0f} s ago)"
     who = f"process {holder['pid']}" + (f" ({holder['command']})" if holder.get("command") else "")
     if holder.get("host") != host_tag():
         who += f" on {holder.get('hostname') or 'another machine'}"
     elif not process_alive(holder["pid"], started_by=since):
-        who += " (which has ended; the lock is held by another process that shares the folder)"
-    return f"{who}, which has held it since {when} ({age:.0f} s ago)"
+        who += " (which has ended; another process that shares the folder holds the lock now)"
+    return who, when
 
 
 def make_dirs(directory: Path) -> list[Path]:
@@ -314,8 +316,9 @@ def _acquire(path: Path, what: str, poll: float) -> int:
             os.close(fd)
             first_wait = first_wait or time.monotonic()
             if not said and (holder is not None or time.monotonic() - first_wait > 2.0):
-                warnings.warn(f"waiting for {_describe_holder(holder, path)}, to finish {what} "
-                              f"(its lock {path}); this process goes on when that one ends",
+                who, when = _describe_holder(holder, path)
+                warnings.warn(f"waiting for {who} to finish {what}: it has held the lock {path} since "
+                              f"{when}; this process goes on as soon as that one ends",
                               WaitingWarning, stacklevel=4)
                 said = True
             time.sleep(poll)
