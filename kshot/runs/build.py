@@ -10,6 +10,7 @@ itself, so the way from "a saved run" to "its test tasks" goes down the layers o
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from kshot.learners import LEARNERS, Learner, create_learner
 from kshot.models import create_model
 from kshot.services.checkpoint import Checkpoint, load_checkpoint
 from kshot.tasks import EVAL_SEED, Task, TaskSource, family_sampler, family_tasks, fixed_episodes, fixed_tasks, task_family
+from kshot.text import encode_dataset, get_encoder, same_encoder, text_backbone_options
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,8 +44,13 @@ def dataset_settings(config: TrainConfig) -> dict:
 
 
 def load_split(config: TrainConfig, split: str, **settings) -> FewShotDataset:
-    """Split ``split`` of the config's dataset (``settings`` override the config's)."""
-    return load_dataset(config.dataset, split, **{**dataset_settings(config), **settings})
+    """Split ``split`` of the config's dataset (``settings`` override the config's); text seen
+    through ``config.text_encoder`` when it names one (encoded once, then read from the cache)."""
+    data = load_dataset(config.dataset, split, **{**dataset_settings(config), **settings})
+    if config.text_encoder:
+        data = encode_dataset(data, get_encoder(config.text_encoder), config.encoder_layers,
+                              config.cache_dir or None)
+    return data
 
 
 def checkpoint_extra(dataset) -> dict:
@@ -86,6 +93,8 @@ def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int
     extra = extra or {}
     settings = {"features": extra["text_features"]} if "text_features" in extra else {}
     data = load_split(config, split, **settings)
+    if "text_encoder" in extra:
+        same_encoder(extra["text_encoder"], checkpoint_extra(data).get("text_encoder"))
     expected = extra.get("example_shape")
     if expected is not None and tuple(data.example_shape) != tuple(expected):
         raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
@@ -108,6 +117,9 @@ def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
     if config.algo not in LEARNERS:
         raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
     torch.manual_seed(config.seed)
+    if config.text_encoder and config.backbone == "text_top":  # the encoder's top layers, by name and hash
+        config = replace(config, backbone_options={**text_backbone_options(config.text_encoder, config.encoder_layers),
+                                                   **config.backbone_options})
     return LEARNERS[config.algo].from_config(config, example_shape)
 
 

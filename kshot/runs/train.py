@@ -116,7 +116,10 @@ class Trainer:
         if learner is None:
             learner = build_learner(config, self.sampler.example_shape)
         self.learner = learner.to(self.device)
-        self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
+        trainable = [p for p in self.learner.parameters() if p.requires_grad]
+        #: None for learners with nothing to meta-train (Prototypical Networks on a frozen encoder,
+        #: a head fitted on each support set): the run saves them as they are and tests them.
+        self.optimizer = make_optimizer(config, trainable) if trainable else None
         self.step = 0
         self.best_val: dict | None = None
         self.after_training_summary: dict | None = None  # from the learner's after_training report
@@ -171,7 +174,7 @@ class Trainer:
             return
         try:
             self.learner.load_state_dict(ckpt.state_dict)
-            if ckpt.optimizer is not None:
+            if ckpt.optimizer is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(ckpt.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.last_path} does not fit this run's learner ({e}); "
@@ -247,6 +250,8 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         self.dist.broadcast_state(self.learner)  # every rank starts from rank 0's weights
+        if self.optimizer is None:  # nothing to meta-train
+            self.step = c.steps
         start = self.step
         stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
         params = [p for p in self.learner.parameters() if p.requires_grad]
