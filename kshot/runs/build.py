@@ -18,6 +18,7 @@ import torch
 from kshot.config import TrainConfig
 from kshot.data import load_dataset
 from kshot.data.base import FewShotDataset
+from kshot.data.multisource import MultiSourceDataset
 from kshot.errors import CheckpointError, ConfigError
 from kshot.learners import LEARNERS, Learner, create_learner
 from kshot.models import create_model
@@ -46,10 +47,13 @@ def dataset_settings(config: TrainConfig) -> dict:
 def load_split(config: TrainConfig, split: str, **settings) -> FewShotDataset:
     """Split ``split`` of the config's dataset (``settings`` override the config's); text seen
     through ``config.text_encoder`` when it names one (encoded once, then read from the cache)."""
-    data = load_dataset(config.dataset, split, **{**dataset_settings(config), **settings})
-    if config.text_encoder:
+    settings = {**dataset_settings(config), **settings}
+    data = load_dataset(config.dataset, split, **settings)
+    if config.text_encoder:  # every split shares the encodings of the whole dataset
+        text = isinstance(data, MultiSourceDataset) or hasattr(data, "texts")
+        whole = load_dataset(config.dataset, "all", **settings) if split != "all" and text else None
         data = encode_dataset(data, get_encoder(config.text_encoder), config.encoder_layers,
-                              config.cache_dir or None)
+                              config.cache_dir or None, within=whole)
     return data
 
 

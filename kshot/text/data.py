@@ -72,6 +72,17 @@ def pack_tokens(tokens: torch.Tensor, offsets: torch.Tensor, rows: np.ndarray | 
     return out
 
 
+def take_rows(tokens: torch.Tensor, offsets: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of a ragged store, as a ragged store of their own."""
+    rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    starts, lengths = offsets[rows_t], offsets[rows_t + 1] - offsets[rows_t]
+    new_offsets = torch.zeros(len(rows_t) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=new_offsets[1:])
+    position = torch.arange(int(lengths.sum())) - torch.repeat_interleave(new_offsets[:-1], lengths)
+    source = torch.repeat_interleave(starts, lengths) + position
+    return tokens[source], new_offsets
+
+
 class EncodedTexts(FewShotDataset):
     """A :class:`~kshot.data.text.TextDataset` whose examples are a pre-trained encoder's outputs.
 
@@ -80,10 +91,14 @@ class EncodedTexts(FewShotDataset):
         encoder: the frozen encoder.
         top_layers: 0 for sentence embeddings; ``k`` for the token vectors below the top ``k`` layers.
         cache: where encodings are kept (default: the cache directory's ``text-encodings``).
+        within: a larger text dataset holding every text of ``source`` (its ``all`` split): its
+            encodings are computed (once) and ``source`` takes its rows, so that the splits of a
+            dataset share one cache entry. An encoding is a function of the text alone.
     """
 
     def __init__(self, source: TextDataset, encoder: SentenceEncoder, top_layers: int = 0,
-                 cache: EncodingCache | None = None, progress: bool = True):
+                 cache: EncodingCache | None = None, progress: bool = True,
+                 within: TextDataset | None = None):
         if not isinstance(source, TextDataset):
             raise ConfigError(f"a text encoder reads text datasets (clinc150, banking77), not "
                               f"{type(source).__name__}")
@@ -92,11 +107,51 @@ class EncodedTexts(FewShotDataset):
         self.source, self.encoder, self.top_layers = source, encoder, int(top_layers)
         self.texts, self.class_names, self.parts = source.texts, source.class_names, source.parts
         self.labels = source.labels
-        cache = cache or EncodingCache(default_cache_dir(), progress=progress)
-        if self.top_layers == 0:
-            self.embeddings = cache.embeddings(encoder, self.texts)
-        else:
-            self.tokens, self.offsets = cache.hidden_states(encoder, self.texts, self.cut)
+        self.cache = cache or EncodingCache(default_cache_dir(), progress=progress)
+        self._embeddings: torch.Tensor | None = None
+        self._ragged: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._within: tuple[EncodedTexts, np.ndarray] | None = None
+        if within is not None and within is not source:
+            row = {t: i for i, t in reversed(list(enumerate(within.texts)))}
+            missing = [t for t in self.texts if t not in row]
+            if missing:
+                raise DataError(f"{len(missing)} texts of the split are not in the dataset it is "
+                                f"taken from (e.g. {missing[0][:60]!r})")
+            self._within = (EncodedTexts(within, encoder, top_layers, self.cache),
+                            np.array([row[t] for t in self.texts], dtype=np.int64))
+
+    # Encoded on first use: a run that never draws from a split (nothing to meta-train) never
+    # pays for encoding it.
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """Sentence embeddings of every text ``[n, dim]`` (frozen encoder)."""
+        if self.top_layers:
+            raise ConfigError("this dataset holds token vectors for the top layers, not embeddings")
+        if self._embeddings is None and self._within is not None:
+            parent, rows = self._within
+            self._embeddings = parent.embeddings[torch.from_numpy(rows)]
+        elif self._embeddings is None:
+            self._embeddings = self.cache.embeddings(self.encoder, self.texts)
+        return self._embeddings
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Token vectors after the frozen layers, ragged ``[total, dim]`` (see :attr:`offsets`)."""
+        return self._hidden()[0]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self._hidden()[1]
+
+    def _hidden(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.top_layers:
+            raise ConfigError("this dataset holds sentence embeddings, not token vectors")
+        if self._ragged is None and self._within is not None:
+            parent, rows = self._within
+            self._ragged = take_rows(parent.tokens, parent.offsets, rows)
+        elif self._ragged is None:
+            self._ragged = self.cache.hidden_states(self.encoder, self.texts, self.cut)
+        return self._ragged
 
     @property
     def cut(self) -> int:
@@ -131,13 +186,16 @@ class EncodedTexts(FewShotDataset):
 
 
 def encode_dataset(data: FewShotDataset, encoder: SentenceEncoder, top_layers: int = 0,
-                   cache_root: str | os.PathLike | None = None, progress: bool = True) -> FewShotDataset:
-    """``data`` (a text dataset, or several as ``a+b``) with the encoder's outputs as examples."""
+                   cache_root: str | os.PathLike | None = None, progress: bool = True,
+                   within: FewShotDataset | None = None) -> FewShotDataset:
+    """``data`` (a text dataset, or several as ``a+b``) with the encoder's outputs as examples
+    (``within``: the same dataset's ``all`` split, whose one cache entry every split then shares)."""
     cache = EncodingCache(default_cache_dir(cache_root), progress=progress)
     if isinstance(data, MultiSourceDataset):
-        return MultiSourceDataset({name: EncodedTexts(s, encoder, top_layers, cache)
-                                   for name, s in zip(data.names, data.sources)})
-    return EncodedTexts(data, encoder, top_layers, cache)  # type: ignore[arg-type]
+        wholes = within.sources if isinstance(within, MultiSourceDataset) else [None] * len(data.sources)
+        return MultiSourceDataset({name: EncodedTexts(s, encoder, top_layers, cache, within=w)  # type: ignore[arg-type]
+                                   for name, s, w in zip(data.names, data.sources, wholes)})
+    return EncodedTexts(data, encoder, top_layers, cache, within=within)  # type: ignore[arg-type]
 
 
 def encode_texts(texts: Sequence[str], record: dict, encoder: SentenceEncoder) -> torch.Tensor:

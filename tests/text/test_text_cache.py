@@ -83,8 +83,23 @@ def test_encoded_dataset_reuses_hidden_states(encoder, banking_texts, tmp_path, 
     with monkeypatch.context() as m:
         m.setattr(encoder, "hidden_states", _refuse)
         again = EncodedTexts(source, encoder, top_layers=2, cache=EncodingCache(tmp_path))
-    assert torch.equal(again.load(np.array([0, 5, 7])), x)
+        assert torch.equal(again.load(np.array([0, 5, 7])), x)
     record = data.checkpoint_extra()["text_encoder"]
     assert record["sha256"] == encoder.sha256 and record["top_layers"] == 2 and record["pooling"] == "mean"
     with pytest.raises(Exception, match="text datasets"):
         EncodedTexts(object(), encoder)  # type: ignore[arg-type]
+
+
+def test_splits_share_the_whole_datasets_encodings(encoder, banking_texts, tmp_path):
+    """A split taken from the whole dataset's cache entry equals the split encoded on its own."""
+    texts, labels, names = banking_texts
+    whole = TextDataset(texts, labels, names)
+    keep = [i for i, y in enumerate(labels) if y in (1, 4)][::3]
+    split = TextDataset([texts[i] for i in keep], [labels[i] // 4 for i in keep], [names[1], names[4]])
+    for top_layers in (0, 1):
+        cache = EncodingCache(tmp_path / str(top_layers))
+        shared = EncodedTexts(split, encoder, top_layers, cache=cache, within=whole)
+        alone = EncodedTexts(split, encoder, top_layers, cache=EncodingCache(tmp_path / f"alone{top_layers}"))
+        rows = np.arange(len(keep))
+        torch.testing.assert_close(shared.load(rows), alone.load(rows), atol=2e-5, rtol=0)
+        assert cache.misses == 1  # only the whole dataset was encoded
