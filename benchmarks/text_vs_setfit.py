@@ -17,7 +17,9 @@ its own environment (``bash benchmarks/setfit_env.sh``) through ``benchmarks/set
 
 Timings are per task on this machine, one thread each, interleaved by setting (kshot, then
 SetFit): training = embedding the support utterances + fitting; inference = embedding the
-queries + predicting. Model loading is not timed on either side.
+queries + predicting; in wall-clock and CPU seconds (on a shared machine CPU seconds of a
+one-thread process are the figure that does not depend on the other jobs). Model loading is
+not timed on either side.
 
     python benchmarks/text_vs_setfit.py --encoder ../shared/data/models/all-MiniLM-L6-v2 \
         --setfit-python benchmarks/.venv-setfit/bin/python --out benchmarks/results/text_vs_setfit.json
@@ -76,15 +78,15 @@ def from_text(learner, encoder, method: str, support_texts, support_y, query_tex
         return pack_tokens(tokens, offsets, np.arange(len(texts)))
 
     learner.eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         predictor = learner.adapt(inputs(support_texts), torch.as_tensor(support_y), ways)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         predicted = torch.cat([predictor.logits(inputs(query_texts[i:i + 512])).argmax(-1)
                                for i in range(0, len(query_texts), 512)])
-    t2 = time.perf_counter()
-    return predicted.numpy(), t1 - t0, t2 - t1
+    t2, c2 = time.perf_counter(), time.process_time()
+    return predicted.numpy(), {"wall": t1 - t0, "cpu": c1 - c0}, {"wall": t2 - t1, "cpu": c2 - c1}
 
 
 def run_setfit(args, tasks: list[dict], extra: list[str]) -> list[dict]:
@@ -155,12 +157,15 @@ def episodes(args, encoder, results: dict) -> None:
                 record[f"kshot-{method}"].update(
                     same_tasks_acc=summarise([np.mean(p == np.asarray(t["query_labels"])) for (p, _, _), t
                                               in zip(timed, tasks)]),
-                    train_s=summarise([tr for _, tr, _ in timed]), infer_s=summarise([inf for _, _, inf in timed]))
+                    train_s=summarise([tr["wall"] for _, tr, _ in timed]),
+                    infer_s=summarise([inf["wall"] for _, _, inf in timed]),
+                    train_cpu_s=summarise([tr["cpu"] for _, tr, _ in timed]),
+                    infer_cpu_s=summarise([inf["cpu"] for _, _, inf in timed]))
             sf = run_setfit(args, tasks, [])
             if sf:
                 record["setfit"] = {"same_tasks_acc": summarise([r["acc"] for r in sf]),
-                                    "train_s": summarise([r["train_s"] for r in sf]),
-                                    "infer_s": summarise([r["infer_s"] for r in sf])}
+                                    **{k: summarise([r[k] for r in sf])
+                                       for k in ("train_s", "infer_s", "train_cpu_s", "infer_cpu_s")}}
                 print(f"  setfit: {100 * record['setfit']['same_tasks_acc']['mean']:.2f} on {len(sf)} tasks, "
                       f"train {record['setfit']['train_s']['mean']:.1f} s", flush=True)
             write(args, results)
@@ -199,14 +204,15 @@ def intent(args, encoder, results: dict) -> None:
             timed = [from_text(learner, encoder, method, t["support_texts"], t["support_labels"],
                                t["query_texts"], ways) for t in texts[:1]]
             predicted, train_s, infer_s = timed[0]
-            record[f"kshot-{method}"].update(train_s=train_s, infer_s=infer_s, timed_seed_acc=float(
+            record[f"kshot-{method}"].update(train_s=train_s["wall"], infer_s=infer_s["wall"],
+                                             train_cpu_s=train_s["cpu"], infer_cpu_s=infer_s["cpu"], timed_seed_acc=float(
                 (predicted == np.asarray(texts[0]["query_labels"])).mean()))
         extra = ["--num-iterations", str(args.setfit_iterations)]
         sf = run_setfit(args, texts, extra) if shots in args.setfit_shots else []
         if sf:
             record["setfit"] = {"acc": summarise([r["acc"] for r in sf]), "per_seed": [r["acc"] for r in sf],
-                                "train_s": float(np.mean([r["train_s"] for r in sf])),
-                                "infer_s": float(np.mean([r["infer_s"] for r in sf])),
+                                **{k: float(np.mean([r[k] for r in sf]))
+                                   for k in ("train_s", "infer_s", "train_cpu_s", "infer_cpu_s")},
                                 "num_iterations": args.setfit_iterations}
             print(f"  setfit: {100 * record['setfit']['acc']['mean']:.2f}, train {record['setfit']['train_s']:.0f} s",
                   flush=True)

@@ -129,7 +129,7 @@ def _episodes(algo: str, dataset: str, shots: int, top_layers: int = 0) -> dict:
                 "optimizer": "adam", "lr": 2e-5, "lr_schedule": "constant", "steps": 500,
                 "val_every": 100, "checkpoint_every": 100}
     if algo == "finetune":
-        return {**common, "backbone": "identity", "inner_steps": 50, "inner_lr": 0.01, "temperature": 10.0,
+        return {**common, "backbone": "identity", "inner_steps": 100, "inner_lr": 0.01, "temperature": 10.0,
                 "steps": 1, "val_every": 0}
     # The MAML family on a linear head over the frozen embeddings.
     return {**common, "backbone": "mlp", "backbone_options": {"hidden": []}, "inner_steps": 5,
