@@ -121,12 +121,16 @@ def episodes(args, encoder, results: dict) -> None:
             top = top_full.subset([index[c] for c in test_names])
         for shots in (1, 5):
             key = f"{name}-5way-{shots}shot"
+            if args.settings and key not in args.settings:
+                continue
             sampler = TaskSampler(test, 5, shots, 15, seed=EVAL_SEED)
             record = results.setdefault(key, {})
             print(key, flush=True)
             # kshot accuracy over many tasks, from the cached encodings.
             for method in args.methods:
                 n_tasks = args.kshot_tasks if method != "finetune-top2" else args.top_tasks
+                if record.get(f"kshot-{method}", {}).get("acc", {}).get("n") == n_tasks:
+                    continue  # measured by an earlier run into the same file
                 data = top if method == "finetune-top2" else test
                 learner = kshot_learner(method, args.encoder, 5).eval()
                 accs = []
@@ -207,13 +211,13 @@ def intent(args, encoder, results: dict) -> None:
             record[f"kshot-{method}"].update(train_s=train_s["wall"], infer_s=infer_s["wall"],
                                              train_cpu_s=train_s["cpu"], infer_cpu_s=infer_s["cpu"], timed_seed_acc=float(
                 (predicted == np.asarray(texts[0]["query_labels"])).mean()))
-        extra = ["--num-iterations", str(args.setfit_iterations)]
-        sf = run_setfit(args, texts, extra) if shots in args.setfit_shots else []
+        extra = ["--num-iterations", str(args.setfit_iterations), "--max-steps", str(args.setfit_max_steps)]
+        sf = run_setfit(args, texts, extra) if f"{name}:{shots}" in args.setfit_intent else []
         if sf:
             record["setfit"] = {"acc": summarise([r["acc"] for r in sf]), "per_seed": [r["acc"] for r in sf],
                                 **{k: float(np.mean([r[k] for r in sf]))
                                    for k in ("train_s", "infer_s", "train_cpu_s", "infer_cpu_s")},
-                                "num_iterations": args.setfit_iterations}
+                                "num_iterations": args.setfit_iterations, "max_steps": args.setfit_max_steps}
             print(f"  setfit: {100 * record['setfit']['acc']['mean']:.2f}, train {record['setfit']['train_s']:.0f} s",
                   flush=True)
         write(args, results)
@@ -235,6 +239,7 @@ def main() -> None:
     parser.add_argument("--setfit-python", default="", help="the SetFit environment's python (empty: kshot only)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "text_vs_setfit.json"))
     parser.add_argument("--only", choices=("episodes", "intent"), default=None)
+    parser.add_argument("--settings", nargs="*", default=[], help="episode settings to run (default: all)")
     parser.add_argument("--methods", nargs="+", default=["protonet", "finetune", "finetune-top2"])
     parser.add_argument("--kshot-tasks", type=int, default=600)
     parser.add_argument("--top-tasks", type=int, default=100, help="tasks for finetune-top2 (slower)")
@@ -245,7 +250,10 @@ def main() -> None:
     parser.add_argument("--setfit-iterations", type=int, default=5,
                         help="SetFit's num_iterations in the all-intents setting (its default sampling "
                              "would draw ~600,000 pairs for BANKING77 10-shot)")
-    parser.add_argument("--setfit-shots", type=int, nargs="+", default=[10])
+    parser.add_argument("--setfit-intent", nargs="*", default=["banking77:10"],
+                        help="all-intents settings SetFit runs on (it is slow there)")
+    parser.add_argument("--setfit-max-steps", type=int, default=-1,
+                        help="cap on SetFit's contrastive steps in the all-intents setting (-1: none)")
     parser.add_argument("--intent", nargs="+", default=["banking77:10", "banking77:5", "clinc150:10", "clinc150:5"])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
