@@ -23,7 +23,8 @@ def pct(summary) -> str:
     if not summary:
         return "-"
     ci = summary.get("ci95")
-    ci = "" if ci is None or ci != ci else f" ± {100 * ci:.2f}"
+    # An interval over fewer than 3 tasks or seeds says nothing; none is printed.
+    ci = "" if ci is None or ci != ci or summary["n"] < 3 else f" ± {100 * ci:.2f}"
     return f"{100 * summary['mean']:.2f}{ci} ({summary['n']})"
 
 
@@ -60,7 +61,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        settings = list(results)
+        settings = [k for k, v in results.items() if any("train_cpu_s" in r for r in v.values())]
         fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), squeeze=False)
         for ax, setting in zip(axes[0], settings):
             for method, record in results[setting].items():

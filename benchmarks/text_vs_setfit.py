@@ -203,7 +203,7 @@ def intent(args, encoder, results: dict) -> None:
         texts = [{"id": t.seed, "seed": t.seed, "support_texts": [raw.texts[j] for j in t.support],
                   "support_labels": t.support_y.tolist(), "query_texts": [raw.texts[j] for j in t.query],
                   "query_labels": t.query_y.tolist()} for t in tasks[:args.setfit_seeds]]
-        for method in args.methods:
+        for method in args.methods if not args.no_timing else []:
             learner = kshot_learner(method, args.encoder, ways)
             timed = [from_text(learner, encoder, method, t["support_texts"], t["support_labels"],
                                t["query_texts"], ways) for t in texts[:1]]
@@ -255,6 +255,8 @@ def main() -> None:
     parser.add_argument("--setfit-max-steps", type=int, default=-1,
                         help="cap on SetFit's contrastive steps in the all-intents setting (-1: none)")
     parser.add_argument("--intent", nargs="+", default=["banking77:10", "banking77:5", "clinc150:10", "clinc150:5"])
+    parser.add_argument("--no-timing", action="store_true",
+                        help="all-intents setting: accuracy only (timing embeds every test utterance again)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.intent_settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.intent]
