@@ -270,7 +270,8 @@ def run_recommend(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     result = recommend(args.checkpoint, args.ratings, top=args.top, age=args.age, gender=args.gender,
-                       occupation=args.occupation, zip_code=args.zip, data_dir=args.data_dir,
+                       occupation=args.occupation, zip_code=args.zip, min_ratings=args.min_ratings,
+                       data_dir=args.data_dir,
                        cache_dir=args.cache_dir, device=resolve_device(args.device))
     info = sys.stderr if args.out == "-" else sys.stdout
     for note in result.user.notes():
@@ -295,6 +296,8 @@ def _recommend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="recommendations.csv",
                    help="CSV written with rank, movie_id, title, predicted_rating (default: "
                         "recommendations.csv; '-' prints it)")
+    p.add_argument("--min-ratings", type=int, default=10, dest="min_ratings",
+                   help="recommend only movies at least this many training users rated (default 10)")
     p.add_argument("--age", type=int, default=None, help="your age in years (optional)")
     p.add_argument("--gender", default=None, help="M or F (optional)")
     p.add_argument("--occupation", default=None, help="one of the release's occupations (optional)")

@@ -48,7 +48,8 @@ _RATING_COLUMNS = ("rating", "ratings", "stars", "score")
 
 def _plain(text: str) -> str:
     text = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return re.sub(r"(?<=\w)['\u2019](?=\w)", "", text)  # "schindler's" -> "schindlers"
 
 
 def _words(text: str) -> str:
@@ -273,9 +274,15 @@ class Recommendations:
                 in enumerate(zip(self.titles, self.predicted), start=1)]
 
 
+#: Recommend only movies rated by at least this many meta-training users by default: a
+#: prediction for a movie hardly anyone rated rests on its genres and year alone.
+MIN_RATINGS = 10
+
+
 def recommend_for(learner: Learner, ratings: UserRatings, user: NewUserRatings, codes: np.ndarray,
-                  top: int = 10, batch_size: int = 4096) -> Recommendations:
-    """Adapt ``learner`` to ``user``'s ratings and rank every movie they have not rated.
+                  top: int = 10, min_ratings: int = MIN_RATINGS, batch_size: int = 4096) -> Recommendations:
+    """Adapt ``learner`` to ``user``'s ratings and rank every movie they have not rated (and
+    that at least ``min_ratings`` meta-training users rated).
 
     Args:
         learner: a trained rating learner (its model takes :class:`UserRatings` features).
@@ -283,16 +290,23 @@ def recommend_for(learner: Learner, ratings: UserRatings, user: NewUserRatings, 
         user: the new user's ratings (the support set).
         codes: the user's feature codes ``[4]`` (:func:`user_codes`).
         top: how many movies to return.
+        min_ratings: leave out movies fewer meta-training users rated.
     """
     if top < 1:
         raise ConfigError(f"--top must be at least 1, not {top}")
+    if min_ratings < 0:
+        raise ConfigError(f"--min-ratings must not be negative, not {min_ratings}")
     if not len(user.items):
         raise DataError("none of the rated movies was found in the release; nothing to adapt to")
     data = ratings.data
     device = next(learner.parameters()).device
     support_x = ratings.features(codes, user.items).to(device)
     support_y = torch.from_numpy(user.ratings).unsqueeze(1).to(device)
-    unseen = np.setdiff1d(np.arange(data.n_items), user.items)
+    rated = np.isin(data.rating_user, ratings.user_split_indices("train"))
+    popular = np.bincount(data.rating_item[rated], minlength=data.n_items) >= min_ratings
+    unseen = np.setdiff1d(np.flatnonzero(popular), user.items)
+    if not len(unseen):
+        raise DataError(f"no unrated movie has {min_ratings} ratings by the training users; lower --min-ratings")
     learner.eval()
     with torch.no_grad():  # the inner loop enables gradients for itself
         predictor = learner.adapt(support_x, support_y, 0)
@@ -324,8 +338,8 @@ def rating_learner_from_checkpoint(ckpt: Checkpoint) -> Learner:
 
 def recommend(checkpoint: str | os.PathLike, ratings_csv: str | os.PathLike, top: int = 10, *,
               age: int | None = None, gender: str | None = None, occupation: str | None = None,
-              zip_code: str | None = None, data_dir: str | None = None, cache_dir: str | None = None,
-              device: str | torch.device = "cpu") -> Recommendations:
+              zip_code: str | None = None, min_ratings: int = MIN_RATINGS, data_dir: str | None = None,
+              cache_dir: str | None = None, device: str | torch.device = "cpu") -> Recommendations:
     """A new user's top-``top`` unseen movies from their ratings in ``ratings_csv``: what
     ``kshot recommend`` does.
 
@@ -346,5 +360,5 @@ def recommend(checkpoint: str | os.PathLike, ratings_csv: str | os.PathLike, top
                               f"{ratings.data.source} has {ratings.data.n_items}; point --data-dir at its release")
     user = read_user_ratings(ratings_csv, ratings.data)
     codes = user_codes(ratings.data, age, gender, occupation, zip_code)
-    return recommend_for(learner, ratings, user, codes, top)
+    return recommend_for(learner, ratings, user, codes, top, min_ratings)
 

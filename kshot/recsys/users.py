@@ -123,6 +123,11 @@ class UserRatings:
         self._item_codes = np.concatenate([np.arange(1, data.n_items + 1)[:, None], years[:, None],
                                            data.genres.astype(np.int64)], 1)
 
+    def user_split_indices(self, split: str) -> np.ndarray:
+        """Dense indices of the users of ``split`` (of the same user split)."""
+        index = {str(u): n for n, u in enumerate(self.data.user_ids)}
+        return np.array(sorted(index[n] for n in self.user_split.classes(split)), dtype=np.int64)
+
     def __repr__(self) -> str:
         return f"UserRatings({self.data.name} {self.split}: {len(self.users)} users, {int(self.counts.sum()):,} ratings)"
 
