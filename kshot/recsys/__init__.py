@@ -17,8 +17,9 @@ from kshot.recsys.users import (RatingTask, RatingTasks, UserRatings, UserTasks,
 from kshot.recsys.model import MeLU, rating_learner, rating_model
 from kshot.recsys.metrics import METRICS, RatingScores, ndcg, user_metrics
 from kshot.recsys.evaluation import RatingReport, adapted_predictor, evaluate_rating_learner, score_users
+from kshot.recsys.recommend import Recommendations, read_user_ratings, recommend, recommend_for
 
 __all__ = ["METRICS", "MeLU", "MovieLens", "RELEASES", "RatingReport", "RatingScores", "RatingTask",
-           "RatingTasks", "UserRatings", "UserTasks", "adapted_predictor", "evaluate_rating_learner",
+           "RatingTasks", "Recommendations", "UserRatings", "UserTasks", "adapted_predictor", "evaluate_rating_learner",
            "is_rating_dataset", "load_movielens", "load_user_ratings", "ndcg", "parse_ml100k", "parse_ml1m",
-           "rating_learner", "rating_model", "ratings_from_config", "score_users", "user_metrics", "user_split"]
+           "rating_learner", "rating_model", "ratings_from_config", "read_user_ratings", "recommend", "recommend_for", "score_users", "user_metrics", "user_split"]
