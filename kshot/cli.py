@@ -77,16 +77,12 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}")
     if result.best_val:
         bv = result.best_val
-        print(f"best meta-validation: {_score(bv)} at step {bv['step']} ({_shape(bv, config.eval_ways, config.eval_shots)})")
+        print(f"best meta-validation: {_score(bv)} at step {bv['step']} "
+              f"({config.eval_ways}-way {config.eval_shots}-shot)")
     if result.test:
         t = result.test
-        print(f"meta-test ({t['tasks']} tasks, {_shape(t, t['ways'], t['shots'])}): {_score(t)}")
+        print(f"meta-test ({t['tasks']} tasks, {t['ways']}-way {t['shots']}-shot): {_score(t)}")
     return 0
-
-
-def _shape(result: dict, ways: int, shots: int) -> str:
-    """``5-way 1-shot``, or for regression tasks (no classes) ``5-shot``."""
-    return f"{shots}-shot" if result["acc"] != result["acc"] else f"{ways}-way {shots}-shot"
 
 
 def _score(result: dict) -> str:
@@ -122,7 +118,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(evaluation.description)
     if evaluation.report is not None:  # a rating model: recommendation metrics per user
         print("\n".join(evaluation.report.lines()))
-        print(f"(means ± 95% CI over users; nDCG of each user's query items ranked by predicted rating)")
+        print("(means ± 95% CI over users; nDCG of each user's query items ranked by predicted rating)")
     elif result.is_regression:
         print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks)")
     else:

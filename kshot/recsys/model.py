@@ -119,7 +119,7 @@ def _melu(dataset: str, shots: int, algo: str = "maml") -> dict:
     # 5 local steps, meta-batches of 32 users, Adam. The paper's local rate (5e-6) barely moves
     # the model; 0.01 was chosen on the meta-validation users. Query: up to 20 other ratings.
     return dict(algo=algo, dataset=dataset, backbone="melu", inner_params=DECISION_LAYERS,
-                shots=shots, queries=20, test_shots=shots, meta_batch_size=32, inner_steps=5,
+                ways=1, shots=shots, queries=20, test_shots=shots, meta_batch_size=32, inner_steps=5,
                 inner_lr=0.01, test_inner_steps=5, optimizer="adam", lr=1e-3, lr_schedule="constant",
                 steps=500, val_every=100, val_tasks=1000, checkpoint_every=100, log_every=20,
                 test_tasks=1000, threads=1)
