@@ -20,7 +20,7 @@ from kshot.data.base import FewShotDataset
 from kshot.errors import CheckpointError, ConfigError
 from kshot.learners import LEARNERS, Learner, create_learner
 from kshot.models import create_model
-from kshot.recsys import UserTasks, is_rating_dataset, rating_learner, ratings_from_config, RatingTasks
+from kshot.recsys import RatingTasks, UserTasks, is_rating_dataset, rating_learner, ratings_from_config
 from kshot.services.checkpoint import Checkpoint, load_checkpoint
 from kshot.tasks import EVAL_SEED, Task, TaskSource, family_sampler, family_tasks, fixed_episodes, fixed_tasks, task_family
 
