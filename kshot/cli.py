@@ -116,7 +116,10 @@ def run_eval(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
     result = evaluation.result
     print(evaluation.description)
-    if result.is_regression:
+    if evaluation.report is not None:  # a rating model: recommendation metrics per user
+        print("\n".join(evaluation.report.lines()))
+        print("(means ± 95% CI over users; nDCG of each user's query items ranked by predicted rating)")
+    elif result.is_regression:
         print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks)")
     else:
         print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
@@ -252,6 +255,52 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, dest="batch_size",
                    help="query examples per forward pass (default 256)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+# ----------------------------------------------------------------------------- recommend
+@command("recommend", "a new user's top-N unseen movies from a few ratings (a rating model's checkpoint)")
+def run_recommend(args: argparse.Namespace) -> int:
+    from kshot.recsys.recommend import recommend
+    from kshot.runs.build import resolve_device
+
+    _set_threads(args.threads)
+    result = recommend(args.checkpoint, args.ratings, top=args.top, age=args.age, gender=args.gender,
+                       occupation=args.occupation, zip_code=args.zip, min_ratings=args.min_ratings,
+                       data_dir=args.data_dir,
+                       cache_dir=args.cache_dir, device=resolve_device(args.device))
+    info = sys.stderr if args.out == "-" else sys.stdout
+    for note in result.user.notes():
+        print(f"kshot: note: {note}", file=sys.stderr)
+    print(f"adapted to {len(result.user.items)} ratings; top {len(result.titles)} unseen movies "
+          f"(predicted rating, title):", file=info)
+    print("\n".join(result.lines()), file=info)
+    if args.out == "-":
+        sys.stdout.write(result.to_csv())
+    else:
+        result.write_csv(args.out)
+        print(f"wrote {args.out}", file=info)
+    return 0
+
+
+@run_recommend.arguments
+def _recommend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a rating model's .safetensors checkpoint, or its run directory")
+    p.add_argument("--ratings", required=True,
+                   help="CSV of your ratings: a movie column (movie_id or title) and a rating column (1-5)")
+    p.add_argument("--top", type=int, default=10, help="how many movies to recommend (default 10)")
+    p.add_argument("--out", default="recommendations.csv",
+                   help="CSV written with rank, movie_id, title, predicted_rating (default: "
+                        "recommendations.csv; '-' prints it)")
+    p.add_argument("--min-ratings", type=int, default=10, dest="min_ratings",
+                   help="recommend only movies at least this many training users rated (default 10)")
+    p.add_argument("--age", type=int, default=None, help="your age in years (optional)")
+    p.add_argument("--gender", default=None, help="M or F (optional)")
+    p.add_argument("--occupation", default=None, help="one of the release's occupations (optional)")
+    p.add_argument("--zip", default=None, help="your zip code (optional)")
+    p.add_argument("--data-dir", dest="data_dir", help="where the MovieLens release is (default: the run's)")
+    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
 
 

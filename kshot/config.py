@@ -73,6 +73,7 @@ class TrainConfig:
     test_inner_steps: int = 0  # maml family, reptile: inner steps at validation/test (0: same as inner_steps)
     batch_tasks: str = "auto"  # maml family, reptile: loop | vmap | batched (MLPs) | auto (see docs/MAML.md)
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
+    inner_params: str = ""  # maml family, reptile: the parameters that adapt, by name or prefix, comma-separated ("": all; anil: the head)
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks

@@ -20,6 +20,7 @@ from kshot.data.base import FewShotDataset
 from kshot.errors import CheckpointError, ConfigError
 from kshot.learners import LEARNERS, Learner, create_learner
 from kshot.models import create_model
+from kshot.recsys import RatingTasks, UserTasks, is_rating_dataset, rating_learner, ratings_from_config
 from kshot.services.checkpoint import Checkpoint, load_checkpoint
 from kshot.tasks import EVAL_SEED, Task, TaskSource, family_sampler, family_tasks, fixed_episodes, fixed_tasks, task_family
 
@@ -61,6 +62,9 @@ def checkpoint_extra(dataset) -> dict:
 
 def training_tasks(config: TrainConfig) -> TaskSource:
     """The stream of training tasks (or pair batches) the config's algorithm trains on."""
+    if is_rating_dataset(config.dataset):  # users as tasks (kshot.recsys)
+        return RatingTasks(ratings_from_config(config, config.train_split), config.shots, config.queries,
+                           seed=config.seed, meta_batch_size=config.meta_batch_size)
     if task_family(config.dataset) is not None:  # generated tasks
         return family_sampler(config.dataset, "train", config.shots, config.queries, seed=config.seed,
                               meta_batch_size=config.meta_batch_size)
@@ -84,6 +88,10 @@ def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int
         return (family_tasks(config.dataset, split, shots, queries, n_tasks, seed=seed),
                 f"{shots}-shot, {queries} queries per task")
     extra = extra or {}
+    if is_rating_dataset(config.dataset):  # one task per user of the split (at most n_tasks users)
+        users = UserTasks(ratings_from_config(config, split, extra), shots,
+                          seed=EVAL_SEED if seed is None else seed, max_users=n_tasks)
+        return users, users.describe()
     settings = {"features": extra["text_features"]} if "text_features" in extra else {}
     data = load_split(config, split, **settings)
     expected = extra.get("example_shape")
@@ -107,6 +115,8 @@ def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
     """A new learner as the config describes, its initial weights drawn from the config's seed."""
     if config.algo not in LEARNERS:
         raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+    if is_rating_dataset(config.dataset):  # a rating model sized for the release
+        return rating_learner(config, ratings_from_config(config, config.train_split))
     torch.manual_seed(config.seed)
     return LEARNERS[config.algo].from_config(config, example_shape)
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from kshot.config import MIN_TEST_TASKS, config_from_dict
 from kshot.errors import ConfigError
 from kshot.learners.base import Learner
+from kshot.recsys import RatingReport, evaluate_rating_learner, is_rating_dataset
 from kshot.runs.build import evaluation_tasks, learner_from_checkpoint, resolve_device
 from kshot.services.checkpoint import load_checkpoint
 from kshot.services.distributed import Distributed
@@ -131,11 +132,14 @@ def _evaluate_shared(learner: Learner, tasks: Sequence[Task], dist: Distributed,
 
 @dataclass
 class CheckpointEvaluation:
-    """What ``evaluate_checkpoint`` measured, and on which tasks (``description`` says it in words)."""
+    """What ``evaluate_checkpoint`` measured, and on which tasks (``description`` says it in words).
+
+    ``report`` holds the recommendation metrics of a rating model (MAE, RMSE, nDCG@k per user)."""
 
     result: EvalResult
     description: str
     record: dict
+    report: RatingReport | None = None
 
     def __str__(self) -> str:
         return f"{self.description}\n{self.result}"
@@ -170,6 +174,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     device = resolve_device(device)
     learner = learner_from_checkpoint(ckpt).to(device)
     within = config.test_within_groups if within_groups is None else within_groups
+    if is_rating_dataset(config.dataset):  # users as tasks: every user of the split, metrics per user
+        return _evaluate_ratings(learner, config, ckpt, checkpoint, split, shots, seed, device, progress)
     task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
     result = evaluate(learner, task_set, device=device, progress=progress)
@@ -182,3 +188,18 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
               "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
               **result.summary()}
     return CheckpointEvaluation(result, described, record)
+
+
+def _evaluate_ratings(learner: Learner, config, ckpt, checkpoint, split: str, shots: int, seed: int | None,
+                      device: torch.device, progress: bool) -> CheckpointEvaluation:
+    """A rating model adapted to each user of ``split`` from ``shots`` support ratings, scored on
+    the user's other ratings (kshot.recsys.metrics): the figures are means ± 95% CI over users."""
+    users, described = evaluation_tasks(config, split, 0, shots=shots, seed=seed, extra=ckpt.extra)
+    report = evaluate_rating_learner(learner, users, device=device, progress=progress)  # type: ignore[arg-type]
+    scores = next(iter(report.scores.values()))
+    mse = scores.values["rmse"] ** 2
+    result = EvalResult(np.full(len(mse), np.nan), mse, dict(scores.values))
+    record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split, "shots": shots,
+              "dataset": config.dataset, **report.summary()}
+    return CheckpointEvaluation(result, f"{ckpt.learner['algo']} on {config.dataset} {split}: {described}",
+                                record, report)
