@@ -160,6 +160,8 @@ class Navigation2DTasks(EnvFamily):
     action_dim = 2
     default_horizon = 100
     goal_low, goal_high = -0.5, 0.5
+    #: Tasks evaluated together: its vectorised environment is array operations, so many.
+    eval_batch = 200
 
     def draw_task(self, rng: np.random.Generator) -> dict:
         return {"goal": (self.goal_low + rng.random(2) * (self.goal_high - self.goal_low)).tolist()}

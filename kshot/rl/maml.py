@@ -445,8 +445,9 @@ class MAMLRL(Learner):
         self.eval()
         try:
             with tqdm(total=len(tasks), desc=desc, disable=not progress, leave=False) as bar:
-                for lo in range(0, len(tasks), self.eval_batch):
-                    chunk = tasks[lo:lo + self.eval_batch]
+                size = getattr(tasks[0].family, "eval_batch", self.eval_batch) if tasks else 1
+                for lo in range(0, len(tasks), size):
+                    chunk = tasks[lo:lo + size]
                     params = self.batched_parameters(len(chunk), detach=True)
                     for k in range(steps + 1):
                         batch = rollout(self.forward, params, chunk, episodes, phase=k)
@@ -494,7 +495,7 @@ def _preset(algo: str, env: str, **overrides) -> dict:
                 meta_batch_size=20, inner_steps=1, inner_lr=0.1, test_inner_steps=3, episodes_per_task=20,
                 discount=0.99, gae_lambda=1.0, outer_step="trpo", max_kl=0.01, steps=500, optimizer="adam",
                 lr=1e-3, lr_schedule="constant", val_every=25, val_tasks=40, checkpoint_every=5, log_every=1,
-                test_tasks=600, threads=1, ways=1, shots=1)
+                test_tasks=600, threads=1)
     return {**base, **overrides}
 
 
