@@ -111,3 +111,23 @@ def test_bad_tasks_and_families_are_one_line_errors():
             family.user_task(bad)
     with pytest.raises(ConfigError, match="unknown environment family"):
         env_family("nav3d")
+
+
+def test_kshot_and_2d_navigation_need_no_gymnasium():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['gymnasium'] = None\n"  # any import of gymnasium now fails
+            "import kshot\n"
+            "from kshot.rl import Navigation2D, env_family, gymnasium_available\n"
+            "from kshot.errors import ConfigError\n"
+            "assert not gymnasium_available()\n"
+            "env = Navigation2D({'goal': [0.1, 0.0]})\n"
+            "obs, _ = env.reset(seed=0)\n"
+            "print(env.step([0.1, 0.0])[2], env.action_space.contains(env.action_space.sample()))\n"
+            "try:\n    env_family('halfcheetah-vel')\nexcept ConfigError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == "True True"
+    assert 'pip install "kshot[rl]"' in second
