@@ -17,6 +17,7 @@ kshot does not load MuJoCo. Needs the ``rl`` extra (``pip install "kshot[rl]"``:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -58,8 +59,22 @@ def environment_classes() -> dict[str, type]:
     require_mujoco("the MuJoCo tasks")
     from gymnasium.envs.mujoco.ant_v5 import AntEnv
     from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+    import mujoco
 
-    class HalfCheetahVelocity(HalfCheetahEnv):
+    compiled: dict = {}
+
+    class CompiledOnce:
+        """Compile each model file once and copy it for every further environment: a meta-batch
+        builds hundreds of environments, and compiling costs time (and MuJoCo's warnings) each."""
+
+        def _initialize_simulation(self):
+            key = (self.fullpath, self.width, self.height)
+            if key not in compiled:
+                compiled[key] = super()._initialize_simulation()[0]
+            model = copy.deepcopy(compiled[key])
+            return model, mujoco.MjData(model)
+
+    class HalfCheetahVelocity(CompiledOnce, HalfCheetahEnv):
         """Half-cheetah rewarded for running at the task's target velocity."""
 
         def __init__(self, task: dict | None = None, **kwargs):
@@ -79,7 +94,7 @@ def environment_classes() -> dict[str, type]:
             ctrl_cost = self.control_cost(action)
             return forward - ctrl_cost, {"reward_forward": forward, "reward_ctrl": -ctrl_cost}
 
-    class HalfCheetahDirection(HalfCheetahEnv):
+    class HalfCheetahDirection(CompiledOnce, HalfCheetahEnv):
         """Half-cheetah rewarded for its velocity forward (direction 1) or backward (-1)."""
 
         def __init__(self, task: dict | None = None, **kwargs):
@@ -99,7 +114,7 @@ def environment_classes() -> dict[str, type]:
             ctrl_cost = self.control_cost(action)
             return forward - ctrl_cost, {"reward_forward": forward, "reward_ctrl": -ctrl_cost}
 
-    class AntDirection(AntEnv):
+    class AntDirection(CompiledOnce, AntEnv):
         """Ant rewarded for its velocity forward (direction 1) or backward (-1)."""
 
         def __init__(self, task: dict | None = None, **kwargs):
@@ -121,7 +136,7 @@ def environment_classes() -> dict[str, type]:
 
     classes = {"HalfCheetahVelocity": HalfCheetahVelocity, "HalfCheetahDirection": HalfCheetahDirection,
                "AntDirection": AntDirection}
-    for cls in classes.values():
+    for cls in (CompiledOnce, *classes.values()):
         cls.__qualname__ = cls.__name__
     return classes
 
