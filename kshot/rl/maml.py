@@ -451,7 +451,7 @@ class MAMLRL(Learner):
                     params = self.batched_parameters(len(chunk), detach=True)
                     for k in range(steps + 1):
                         batch = rollout(self.forward, params, chunk, episodes, phase=k)
-                        returns[lo:lo + len(chunk), k] = batch.returns().numpy()
+                        returns[lo:lo + len(chunk), k] = batch.returns().cpu().numpy()
                         env_steps += batch.env_steps
                         if keep_episodes:
                             kept.append(batch)
@@ -499,7 +499,7 @@ def _preset(algo: str, env: str, **overrides) -> dict:
     return {**base, **overrides}
 
 
-for _algo, _what in (("maml-rl", "MAML"), ("pretrain-rl", "pretrained policy (the paper's comparison)")):
+for _algo, _what in (("maml-rl", "MAML"), ("pretrain-rl", "Pretrained policy (the paper's comparison)")):
     register_preset(f"{_algo}-nav2d", f"{_what}, 2D navigation, TRPO (Finn et al. 2017, figure 4)",
                     _preset(_algo, "nav2d", steps=200, val_every=20))
 register_preset("fomaml-rl-nav2d", "First-order MAML, 2D navigation, TRPO", _preset("fomaml-rl", "nav2d", steps=200,

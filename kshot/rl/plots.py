@@ -64,7 +64,7 @@ def plot_navigation(learner, tasks: Sequence, out: str | Path, episodes_shown: i
         for k, batch in enumerate(evaluation.episodes):
             for e in range(min(episodes_shown, batch.obs.shape[1])):
                 n = int(batch.mask[i, e].sum())
-                path = np.vstack([[0.0, 0.0], (batch.obs[i, e, :n] + batch.actions[i, e, :n].clamp(-0.1, 0.1)).numpy()])
+                path = np.vstack([[0.0, 0.0], (batch.obs[i, e, :n] + batch.actions[i, e, :n].clamp(-0.1, 0.1)).cpu().numpy()])
                 ax.plot(path[:, 0], path[:, 1], "--" if k == 0 else "-", color=colours[k], lw=1.2,
                         label=(("pre-update" if k == 0 else f"{k} step{'s' if k > 1 else ''}") if e == 0 else None))
         goal = task.params["goal"]

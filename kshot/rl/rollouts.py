@@ -90,23 +90,24 @@ def rollout(forward: Callable[[Params, torch.Tensor], torch.Tensor], params: Par
         rng = t.rng(phase)
         noises.append(standard_normal(rng, (h, k, a)))
         seeds.append((rng.random(k) * 2**31).astype(np.int64))
-    noise = torch.from_numpy(np.stack(noises, 1).astype(np.float32))  # [H, B, K, a]
-    obs_t = torch.from_numpy(np.asarray(env.reset(np.concatenate(seeds)), dtype=np.float32))
-    obs = torch.zeros(h, b, k, d)
-    actions = torch.zeros(h, b, k, a)
-    dists = torch.zeros(h, b, k, 2 * a)
-    rewards = torch.zeros(h, b, k)
-    mask = torch.zeros(h, b, k)
-    alive = torch.ones(b, k)
+    device = next(iter(params.values())).device  # the policy's; environments step on the CPU
+    noise = torch.from_numpy(np.stack(noises, 1).astype(np.float32)).to(device)  # [H, B, K, a]
+    obs_t = torch.from_numpy(np.asarray(env.reset(np.concatenate(seeds)), dtype=np.float32)).to(device)
+    obs = torch.zeros(h, b, k, d, device=device)
+    actions = torch.zeros(h, b, k, a, device=device)
+    dists = torch.zeros(h, b, k, 2 * a, device=device)
+    rewards = torch.zeros(h, b, k, device=device)
+    mask = torch.zeros(h, b, k, device=device)
+    alive = torch.ones(b, k, device=device)
     for t in range(h):
         obs[t] = obs_t.view(b, k, d) * alive.unsqueeze(-1)
         dist = forward(params, obs[t])
         action = sample(dist, noise[t])
         dists[t], actions[t], mask[t] = dist, action, alive
-        next_obs, reward, done = env.step(action.reshape(b * k, a).numpy())
-        rewards[t] = torch.from_numpy(np.asarray(reward, dtype=np.float32)).view(b, k) * alive
-        alive = alive * torch.from_numpy(~np.asarray(done)).view(b, k).float()
-        obs_t = torch.from_numpy(np.asarray(next_obs, dtype=np.float32))
+        next_obs, reward, done = env.step(action.reshape(b * k, a).cpu().numpy())
+        rewards[t] = torch.from_numpy(np.asarray(reward, dtype=np.float32)).to(device).view(b, k) * alive
+        alive = alive * torch.from_numpy(~np.asarray(done)).to(device).view(b, k).float()
+        obs_t = torch.from_numpy(np.asarray(next_obs, dtype=np.float32)).to(device)
         if not alive.any():
             break
     order = (1, 2, 0)  # [H, B, K] -> [B, K, H]

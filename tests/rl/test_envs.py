@@ -131,3 +131,48 @@ def test_kshot_and_2d_navigation_need_no_gymnasium():
     first, second = result.stdout.splitlines()
     assert first == "True True"
     assert 'pip install "kshot[rl]"' in second
+
+
+def test_a_users_own_gymnasium_env_plugs_in_as_a_family():
+    gymnasium = pytest.importorskip("gymnasium")
+    import torch
+
+    from kshot.models import create_model
+    from kshot.rl import MAMLRL, GymFamily, register_env_family
+    from kshot.rl.families import ENV_FAMILIES
+
+    class Line(gymnasium.Env):  # the docs/RL.md example: a point on a line, to a target
+        def __init__(self):
+            self.observation_space = gymnasium.spaces.Box(-5.0, 5.0, (1,), np.float32)
+            self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+            self.target, self.x = 0.0, 0.0
+
+        def set_task(self, task):
+            self.target = float(task["target"])
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.x = float(self.np_random.uniform(-0.1, 0.1))
+            return np.array([self.x], np.float32), {}
+
+        def step(self, action):
+            self.x = float(np.clip(self.x + 0.1 * float(np.clip(action[0], -1, 1)), -5, 5))
+            return np.array([self.x], np.float32), -abs(self.x - self.target), False, False, {}
+
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(Line(), skip_render_check=True)
+    register_env_family("line", lambda seed=0, meta_batch_size=1, horizon=0: GymFamily(
+        "line", Line, lambda rng: {"target": float(2 * rng.random() - 1)}, horizon=horizon or 10, seed=seed,
+        meta_batch_size=meta_batch_size))
+    try:
+        family = env_family("line", seed=0, meta_batch_size=2)
+        assert family.observation_dim == 1 and family.action_dim == 1 and family.horizon == 10
+        torch.manual_seed(0)
+        learner = MAMLRL(create_model("mlp", in_features=1, hidden=[8], out_features=1), episodes_per_task=3)
+        metrics = learner.outer_step(family.meta_batch(0), torch.optim.Adam(learner.parameters()))
+        assert metrics["env_steps"] == 2 * 3 * 2 * 10 and np.isfinite(metrics["return_post"])
+        evaluation = learner.evaluate_tasks(env_family("line", "test").fixed_tasks(2), steps=1)
+        assert evaluation.returns.shape == (2, 2)
+    finally:
+        ENV_FAMILIES.pop("line")
