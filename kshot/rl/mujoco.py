@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 
 from kshot.errors import ConfigError
 
@@ -70,7 +71,15 @@ def environment_classes() -> dict[str, type]:
         def _initialize_simulation(self):
             key = (self.fullpath, self.width, self.height)
             if key not in compiled:
-                compiled[key] = super()._initialize_simulation()[0]
+                # MuJoCo's compiler warnings (Gymnasium's models use attributes MuJoCo 4 deprecates)
+                # would go to stdout and to a MUJOCO_LOG.TXT in the working directory: make them
+                # Python warnings instead, for this compilation only.
+                previous = mujoco.get_mju_user_warning()
+                mujoco.set_mju_user_warning(lambda message: warnings.warn(f"MuJoCo: {message}", stacklevel=2))
+                try:
+                    compiled[key] = super()._initialize_simulation()[0]
+                finally:
+                    mujoco.set_mju_user_warning(previous)
             model = copy.deepcopy(compiled[key])
             return model, mujoco.MjData(model)
 
