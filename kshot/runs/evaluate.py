@@ -20,6 +20,8 @@ from kshot.config import MIN_TEST_TASKS, config_from_dict
 from kshot.errors import ConfigError
 from kshot.learners.base import Learner
 from kshot.recsys import RatingReport, evaluate_rating_learner, is_rating_dataset
+from kshot.rl import POLICY_LEARNERS, PolicyEvaluation
+from kshot.rl.plots import plot_returns
 from kshot.runs.build import evaluation_tasks, learner_from_checkpoint, resolve_device
 from kshot.services.checkpoint import load_checkpoint
 from kshot.services.distributed import Distributed
@@ -91,10 +93,17 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
     adaptation went (gradient-based learners: support and query loss at each inner step) add
     those figures to the result's ``metrics``.
 
+    A learner with its own ``evaluate_tasks`` (the policies of :mod:`kshot.rl`, whose tasks are
+    environments) evaluates itself: its result reports the return after each adaptation step,
+    and its ``summary()`` the same keys the trainer reads (``acc`` NaN, ``loss`` minus the return).
+
     In a distributed run (``dist``), each rank evaluates its share of the (sized) task sequence
     and every rank gets the whole result, per-task figures in task order, as one process
     would; the inner-loop ``trace`` is then left out.
     """
+    own = getattr(learner, "evaluate_tasks", None)
+    if own is not None:  # policies: returns after each adaptation step, from their own rollouts
+        return own(tasks, device=device, progress=progress, desc=desc, trace=trace)
     if dist is not None and dist.enabled:
         return _evaluate_shared(learner, tasks, dist, device=device, progress=progress, desc=desc)
     was_training = learner.training
@@ -136,10 +145,11 @@ class CheckpointEvaluation:
 
     ``report`` holds the recommendation metrics of a rating model (MAE, RMSE, nDCG@k per user)."""
 
-    result: EvalResult
+    result: EvalResult | PolicyEvaluation
     description: str
     record: dict
     report: RatingReport | None = None
+    plots: list[str] = field(default_factory=list)  # PNGs written (policies: returns, trajectories)
 
     def __str__(self) -> str:
         return f"{self.description}\n{self.result}"
@@ -151,17 +161,24 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
                         dataset: str | None = None, protocol: str | None = None,
                         image_size: int | None = None, data_dir: str | None = None,
                         cache_dir: str | None = None, device: str = "cpu",
-                        progress: bool = False) -> CheckpointEvaluation:
+                        progress: bool = False, steps: int = 3, plot: str | os.PathLike | None = None
+                        ) -> CheckpointEvaluation:
     """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
 
     Unset options take the run's own settings (its test ways and shots, its dataset and split
     protocol, whether its tasks came from one class group); ``dataset`` evaluates across domains.
     Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
+
+    A policy (``kshot.rl``) is tested on fixed tasks of its environment family: the average
+    return after 0, 1, ..., ``steps`` adaptation steps, plotted to ``plot`` (a PNG; default
+    ``returns-<split>.png`` beside the checkpoint), with 2D-navigation trajectories beside it.
     """
     if tasks < MIN_TEST_TASKS:
         raise ConfigError(f"--tasks {tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
     ckpt = load_checkpoint(checkpoint)
     config = config_from_dict(ckpt.config)
+    if ckpt.learner.get("algo") in POLICY_LEARNERS:
+        return _evaluate_policy(checkpoint, ckpt, config, tasks, split, seed, steps, device, progress, plot)
     if dataset is not None and dataset != config.dataset and protocol is None:
         config.protocol = ""  # the trained dataset's protocol means nothing to another dataset
     overrides = {"dataset": dataset, "protocol": protocol, "data_dir": data_dir, "cache_dir": cache_dir,
@@ -203,3 +220,27 @@ def _evaluate_ratings(learner: Learner, config, ckpt, checkpoint, split: str, sh
               "dataset": config.dataset, **report.summary()}
     return CheckpointEvaluation(result, f"{ckpt.learner['algo']} on {config.dataset} {split}: {described}",
                                 record, report)
+
+
+def _evaluate_policy(checkpoint, ckpt, config, n_tasks: int, split: str, seed: int | None, steps: int,
+                     device: str, progress: bool, plot) -> CheckpointEvaluation:
+    """``evaluate_checkpoint`` for a policy: returns after each adaptation step, and plots."""
+    from pathlib import Path
+
+    if int(steps) != steps or steps < 0:
+        raise ConfigError(f"--steps must be an integer >= 0, not {steps!r}")
+    resolve_device(device)  # policies step on the CPU with their environments
+    learner = learner_from_checkpoint(ckpt)
+    task_set, shape = evaluation_tasks(config, split, n_tasks, seed=seed)
+    result = learner.evaluate_tasks(task_set, progress=progress, steps=steps)
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    plot = Path(plot) if plot else folder / f"returns-{split}.png"
+    written = [str(plot_returns({ckpt.learner["algo"]: result}, plot,
+                                title=f"{config.dataset} {split}: {n_tasks} tasks"))]
+    family = task_set.sampler
+    if hasattr(family, "plot_adaptation"):
+        written.append(str(family.plot_adaptation(learner, plot.with_name(plot.stem + "-trajectories.png"))))
+    described = f"{ckpt.learner['algo']} on {config.dataset} {split}: {shape}, {steps} adaptation steps"
+    record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split, "dataset": config.dataset,
+              "steps": steps, "episodes_per_task": learner.episodes_per_task, **result.summary()}
+    return CheckpointEvaluation(result, described, record, plots=written)
