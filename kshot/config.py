@@ -77,6 +77,16 @@ class TrainConfig:
     body_lr: float = 0.0  # finetune: learning rate of the encoder's top layers on the support set (0: the head only)
     head_l2: float = 0.0  # finetune: L2 penalty on the head's weights
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
+    inner_params: str = ""  # maml family, reptile: the parameters that adapt, by name or prefix, comma-separated ("": all; anil: the head)
+    # -- reinforcement learning (kshot.rl; --dataset nav2d | halfcheetah-vel | halfcheetah-dir | ant-dir)
+    episodes_per_task: int = 20  # rl: episodes per task for each inner step and for the outer objective (K)
+    horizon: int = 0  # rl: steps per episode (0: the environment family's own; nav2d 100, half-cheetah 200)
+    discount: float = 0.99  # rl: discount of future rewards
+    gae_lambda: float = 1.0  # rl: GAE lambda of the advantages (1: return minus the fitted baseline, as in the paper)
+    outer_step: str = "trpo"  # rl: trpo (conjugate gradient, KL line search) | ppo (clipped surrogate with the outer optimiser)
+    max_kl: float = 0.01  # rl, trpo: trust region, the mean KL of the adapted policies
+    clip_ratio: float = 0.2  # rl, ppo: clipping of the probability ratio
+    outer_epochs: int = 5  # rl, ppo: optimiser steps per meta-batch
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks
@@ -147,6 +157,16 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout must be positive, not {self.dist_timeout}")
         if self.log_every < 1:
             raise ConfigError("log_every must be at least 1")
+        if self.episodes_per_task < 1 or self.horizon < 0 or self.outer_epochs < 1:
+            raise ConfigError(f"episodes_per_task and outer_epochs must be at least 1 and horizon at least 0, not "
+                              f"{self.episodes_per_task}, {self.outer_epochs} and {self.horizon}")
+        if not 0 < self.discount <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"discount must be in (0, 1] and gae_lambda in [0, 1], not {self.discount} "
+                              f"and {self.gae_lambda}")
+        if self.outer_step not in ("trpo", "ppo"):
+            raise ConfigError(f"unknown outer_step {self.outer_step!r}; choose trpo or ppo")
+        if self.max_kl <= 0 or self.clip_ratio <= 0:
+            raise ConfigError(f"max_kl and clip_ratio must be positive, not {self.max_kl} and {self.clip_ratio}")
         return self
 
 

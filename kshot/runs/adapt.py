@@ -319,3 +319,68 @@ def adapt_and_predict(checkpoint: str | os.PathLike | None, support: str | os.Pa
     probabilities = model.predict_proba(query_in.x).numpy()
     return model, support_in, Predictions(query_in.names, model.class_names, probabilities,
                                           query_in.labels, query_in.kind)
+
+
+@dataclass
+class PolicyAdaptation:
+    """What ``kshot adapt`` did for a policy: the task, the return before and after each step,
+    and where the adapted policy was saved."""
+
+    task: dict
+    returns: list[float]
+    path: Path | None
+
+    @property
+    def steps(self) -> int:
+        return len(self.returns) - 1
+
+
+def adapt_policy(checkpoint: str | os.PathLike, task: dict | str, *, steps: int | None = None,
+                 episodes: int | None = None, seed: int = 0, out: str | os.PathLike | None = None) -> PolicyAdaptation:
+    """Adapt a trained policy to one task of its environment family, and save the adapted policy.
+
+    Args:
+        checkpoint: a policy checkpoint (``kshot.rl``) or its run directory.
+        task: the task parameter, a dict or its JSON (``{"goal": [0.3, -0.2]}`` for nav2d,
+            ``{"velocity": 1.5}``, ``{"direction": -1}``).
+        steps: policy-gradient steps (default: the checkpoint's test steps); each on
+            ``episodes`` fresh episodes (default: the training number).
+        seed: seed of the episodes' random draws.
+        out: where to save the adapted policy (a checkpoint ``kshot eval`` and ``adapt`` read).
+
+    Returns:
+        The :class:`PolicyAdaptation`; its last return is measured on fresh episodes of the
+        adapted policy.
+    """
+    import json
+
+    from kshot.config import config_from_dict
+    from kshot.errors import ConfigError
+    from kshot.rl import POLICY_LEARNERS, env_family
+    from kshot.services.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.learner.get("algo") not in POLICY_LEARNERS:
+        raise ConfigError(f"{checkpoint} holds a {ckpt.learner.get('algo')!r} learner, not a policy; adapt it "
+                          f"with --support and --query")
+    if isinstance(task, str):
+        try:
+            task = json.loads(task)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--task must be JSON, like '{{\"goal\": [0.3, -0.2]}}' ({e.msg})") from None
+    if steps is not None and (int(steps) != steps or steps < 1):
+        raise ConfigError(f"--steps must be an integer >= 1, not {steps!r}")
+    if episodes is not None and (int(episodes) != episodes or episodes < 1):
+        raise ConfigError(f"--episodes must be an integer >= 1, not {episodes!r}")
+    config = config_from_dict(ckpt.config)
+    family = env_family(config.dataset, "test", horizon=config.horizon)
+    env_task = family.user_task(task, seed=seed)  # type: ignore[arg-type]
+    learner = learner_from_checkpoint(ckpt)
+    adapted = learner.adapt(env_task, steps=steps, episodes=episodes)
+    path = None
+    if out is not None:
+        learner.load_state_dict(adapted.state_dict())
+        path = save_checkpoint(out, learner, config=ckpt.config,
+                               extra={**ckpt.extra, "adapted_to": env_task.params, "adapted_steps": len(adapted.returns) - 1,
+                                      "returns": adapted.returns, "adapted_from": str(checkpoint)})
+    return PolicyAdaptation(env_task.params, adapted.returns, path)

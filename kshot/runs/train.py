@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS
 from kshot.errors import CheckpointError, ConfigError
-from kshot.learners import LEARNERS, Learner
-from kshot.runs.build import (build_learner, checkpoint_extra, evaluation_tasks, load_split, resolve_device,
-                              training_tasks)
+from kshot.learners import Learner
+from kshot.runs.build import (build_learner, check_algorithm, checkpoint_extra, evaluation_tasks, load_split,
+                              resolve_device, training_tasks)
 from kshot.runs.evaluate import EvalResult, evaluate
 from kshot.services import distributed
 from kshot.services.checkpoint import load_checkpoint, save_checkpoint
@@ -106,8 +106,7 @@ class Trainer:
         if self.config.meta_batch_size % self.dist.world_size:
             raise ConfigError(f"meta_batch_size {config.meta_batch_size} does not divide across "
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
-        if config.algo not in LEARNERS:
-            raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+        check_algorithm(config)
         if config.dataset in SPLIT_FILE_DATASETS and not config.split_file:
             # The drawn class split is kept beside the run, so that eval and resume reuse it.
             self.config.split_file = str((self.run_dir / "classes.json").resolve())
@@ -116,6 +115,9 @@ class Trainer:
         if learner is None:
             learner = build_learner(config, self.sampler.example_shape)
         self.learner = learner.to(self.device)
+        if self.learner.takes_outer_step and self.dist.world_size > 1:
+            raise ConfigError(f"{config.algo} takes its outer step itself and does not train distributed yet; "
+                              f"run it in one process")
         trainable = [p for p in self.learner.parameters() if p.requires_grad]
         #: None for learners with nothing to meta-train (Prototypical Networks on a frozen encoder,
         #: a head fitted on each support set): the run saves them as they are and tests them.
@@ -267,7 +269,8 @@ class Trainer:
         window: dict[str, float] = {}
         n_window, busy, waited = 0, 0.0, 0.0
         t_begin = time.perf_counter()
-        shape = "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot"
+        shape = getattr(self.sampler, "description", None) or (
+            "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot")
         bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {shape}",
                    disable=not self.progress, dynamic_ncols=True)
         self.learner.train()
@@ -281,15 +284,18 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate(c, step)
                 batch = [t.to(self.device, non_blocking=True) for t in batch]
-                self.optimizer.zero_grad(set_to_none=True)
-                statistics = self.dist.snapshot_statistics(self.learner)
-                metrics = self.learner.meta_gradient(batch)
-                # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
-                # merged: every rank then holds the state one process would have.
-                metrics = self.dist.average_gradients(params, metrics, statistics)
-                if c.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-                self.optimizer.step()
+                if self.learner.takes_outer_step:  # e.g. TRPO: its own line search
+                    metrics = self.learner.outer_step(batch, self.optimizer)
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    statistics = self.dist.snapshot_statistics(self.learner)
+                    metrics = self.learner.meta_gradient(batch)
+                    # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
+                    # merged: every rank then holds the state one process would have.
+                    metrics = self.dist.average_gradients(params, metrics, statistics)
+                    if c.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                    self.optimizer.step()
                 self.step += 1
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + v
@@ -304,7 +310,10 @@ class Trainer:
                               "data_wait": waited / max(busy + waited, 1e-9),
                               "train_seconds": self.train_seconds}
                     self._log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
+                    if "return_pre" in record:  # policies: the return before and after adaptation
+                        bar.set_postfix({k: f"{record[k]:.2f}" for k in ("return_pre", "return_post") if k in record})
+                    else:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
                     window, n_window, busy, waited = {}, 0, 0.0, 0.0
                 if c.val_every and (self.step % c.val_every == 0 or self.step == c.steps):
                     self._validate_and_keep_best()
@@ -334,7 +343,10 @@ class Trainer:
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
                 self._save(self.best_path, with_optimizer=False)
-            if self.progress and math.isnan(result["acc"]):
+            if self.progress and "return" in result:
+                tqdm.write(f"step {self.step}: val return {result['return']:.3f} ± {result['return_ci95']:.3f} "
+                           f"after {result['return_step']} adaptation steps")
+            elif self.progress and math.isnan(result["acc"]):
                 tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}")
             elif self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
