@@ -50,6 +50,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for setting, methods in results.items():
         for method, record in methods.items():
+            if method.startswith("_"):
+                continue
             many = record.get("acc") if method != "setfit" or "same_tasks_acc" not in record else None
             same = record.get("same_tasks_acc")
             if same is None and "per_seed" in record and method != "setfit":
@@ -61,10 +63,12 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        settings = [k for k, v in results.items() if any("train_cpu_s" in r for r in v.values())]
+        settings = [k for k, v in results.items() if any(isinstance(r, dict) and "train_cpu_s" in r for r in v.values())]
         fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), squeeze=False)
         for ax, setting in zip(axes[0], settings):
             for method, record in results[setting].items():
+                if method.startswith("_"):
+                    continue
                 acc = record.get("same_tasks_acc") or record.get("acc")
                 cpu = record.get("train_cpu_s")
                 if acc is None or cpu is None:
