@@ -22,7 +22,7 @@ one-thread process are the figure that does not depend on the other jobs). Model
 not timed on either side.
 
     python benchmarks/text_vs_setfit.py --encoder ../shared/data/models/all-MiniLM-L6-v2 \
-        --setfit-python benchmarks/.venv-setfit/bin/python --out benchmarks/results/text_vs_setfit.json
+        --setfit-python benchmarks/.venv-setfit/bin/python --out docs/results/text/text_vs_setfit.json
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("KSHOT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--cache-dir", default=os.environ.get("KSHOT_CACHE_DIR"))
     parser.add_argument("--setfit-python", default="", help="the SetFit environment's python (empty: kshot only)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "text_vs_setfit.json"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "text" / "text_vs_setfit.json"))
     parser.add_argument("--only", choices=("episodes", "intent"), default=None)
     parser.add_argument("--settings", nargs="*", default=[], help="episode settings to run (default: all)")
     parser.add_argument("--methods", nargs="+", default=["protonet", "finetune", "finetune-top2"])
