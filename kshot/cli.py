@@ -233,6 +233,9 @@ def run_adapt(args: argparse.Namespace) -> int:
     from kshot.runs.build import resolve_device
 
     _set_threads(args.threads)
+    if args.checkpoint is None and (args.task is not None or not args.text_encoder):
+        raise ConfigError("give a checkpoint (or, for utterances, --text-encoder to classify them "
+                          "with a pre-trained encoder and nothing trained)")
     if args.task is not None:
         out = None if args.out == "predictions.csv" else args.out
         done = adapt_policy(args.checkpoint, args.task, steps=args.steps, episodes=args.episodes,
@@ -249,7 +252,8 @@ def run_adapt(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shots must be at least 1, not {args.shots}")
     model, support, predictions = adapt_and_predict(
         args.checkpoint, args.support, args.query, shots=args.shots,
-        device=resolve_device(args.device), batch_size=args.batch_size)
+        device=resolve_device(args.device), batch_size=args.batch_size,
+        text_encoder=args.text_encoder, algo=args.algo)
     info = sys.stderr if args.out == "-" else sys.stdout
     classes = ", ".join(f"{name} ({n})" for name, n in list(model.support_counts.items())[:8])
     more = f", ... ({model.ways} classes)" if model.ways > 8 else ""
@@ -268,13 +272,23 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 @run_adapt.arguments
 def _adapt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a .safetensors checkpoint, or a run directory (uses best); none with --text-encoder")
     p.add_argument("--support",
                    help="folder with one sub-folder of images per class (or, for a model trained on "
-                        "a table, a CSV/Parquet file with the label column)")
+                        "a table, a CSV/Parquet file with the label column; for text, a CSV file "
+                        "with columns text,label)")
     p.add_argument("--query",
                    help="folder of images to classify, loose or in class sub-folders (then accuracy "
-                        "is printed too); or a table")
+                        "is printed too); or a table; for text, a CSV file (label column optional) "
+                        "or a text file with one utterance per line")
+    p.add_argument("--text-encoder", dest="text_encoder", default=None,
+                   help="text: a Hugging Face encoder folder or hub name; without a checkpoint, "
+                        "classify utterances with it and nothing trained (with a checkpoint: where "
+                        "its encoder is now, if moved)")
+    p.add_argument("--algo", default="protonet", choices=("protonet", "finetune"),
+                   help="without a checkpoint: protonet (cosine prototypes of the embeddings) or "
+                        "finetune (a logistic-regression head fitted on them); default protonet")
     p.add_argument("--out", default="predictions.csv",
                    help="CSV written with one row per query: file, predicted class, probability of "
                         "each class (default: predictions.csv; '-' prints it); a policy: the adapted "
@@ -292,6 +306,40 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
                    help="query examples per forward pass (default 256)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+# ----------------------------------------------------------------------------- intent
+@command("intent", "text: the standard intent-detection setting (all intents, K shots, released test set)")
+def run_intent(args: argparse.Namespace) -> int:
+    from kshot.config import resolve_config
+    from kshot.runs.evaluate import evaluate_intents
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
+    config = resolve_config(args.preset, args.config, overrides)
+    _set_threads(config.threads)
+    if args.seeds < 1:
+        from kshot.errors import ConfigError
+        raise ConfigError(f"--seeds must be at least 1, not {args.seeds}")
+    result = evaluate_intents(config, list(range(args.seeds)), checkpoint=args.checkpoint,
+                              device=config.device, progress=not args.quiet)
+    print(f"{config.algo} on {config.dataset} through {config.text_encoder}: {result}")
+    if args.out:
+        from kshot.services.files import atomic_write_text
+
+        record = {"config": config.to_dict(), "checkpoint": args.checkpoint, **result.summary()}
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+@run_intent.arguments
+def _intent_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="e.g. text-intent-banking77-10shot (`kshot presets` lists them)")
+    p.add_argument("--config", help="a TOML, YAML or JSON file of settings")
+    p.add_argument("--checkpoint", help="use this trained learner instead of the config's (untrained) one")
+    p.add_argument("--seeds", type=int, default=5, help="support sets drawn, one per seed (default 5)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_arguments(p)
 
 
 # ----------------------------------------------------------------------------- recommend

@@ -40,6 +40,8 @@ class TrainConfig:
     train_split: str = "train"  # split to meta-train on: train, or trainval (train + val, for final runs)
     backbone: str = "conv4"  # backbone network
     backbone_options: dict = field(default_factory=dict)  # extra backbone arguments, e.g. {"hidden": 32}
+    text_encoder: str = ""  # text datasets: a pre-trained Hugging Face encoder (folder or hub name) instead of hashed n-grams
+    encoder_layers: int = 0  # text_encoder: its top layers that are trained or adapted (0: all frozen, embeddings cached)
     # -- tasks
     ways: int = 5  # classes per training task (N)
     shots: int = 1  # support examples per class (K)
@@ -72,6 +74,8 @@ class TrainConfig:
     inner_lr: float = 0.4  # maml family, reptile: inner learning rate (metasgd: its initial value)
     test_inner_steps: int = 0  # maml family, reptile: inner steps at validation/test (0: same as inner_steps)
     batch_tasks: str = "auto"  # maml family, reptile: loop | vmap | batched (MLPs) | auto (see docs/MAML.md)
+    body_lr: float = 0.0  # finetune: learning rate of the encoder's top layers on the support set (0: the head only)
+    head_l2: float = 0.0  # finetune: L2 penalty on the head's weights
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
     inner_params: str = ""  # maml family, reptile: the parameters that adapt, by name or prefix, comma-separated ("": all; anil: the head)
     # -- reinforcement learning (kshot.rl; --dataset nav2d | halfcheetah-vel | halfcheetah-dir | ant-dir)
@@ -123,6 +127,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, not {self.lr}")
+        if self.encoder_layers < 0 or self.body_lr < 0 or self.head_l2 < 0:
+            raise ConfigError("encoder_layers, body_lr and head_l2 must not be negative")
+        if self.encoder_layers and not self.text_encoder:
+            raise ConfigError("encoder_layers needs a text_encoder (a model folder or hub name)")
         if self.inner_steps < 1 or self.test_inner_steps < 0:
             raise ConfigError(f"inner_steps must be at least 1 and test_inner_steps at least 0, not "
                               f"{self.inner_steps} and {self.test_inner_steps}")

@@ -10,6 +10,7 @@ itself, so the way from "a saved run" to "its test tasks" goes down the layers o
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from kshot.config import TrainConfig
 from kshot.data import load_dataset
 from kshot.data.base import FewShotDataset
+from kshot.data.multisource import MultiSourceDataset
 from kshot.errors import CheckpointError, ConfigError
 from kshot.learners import LEARNERS, Learner, create_learner
 from kshot.models import create_model
@@ -24,6 +26,7 @@ from kshot.recsys import RatingTasks, UserTasks, is_rating_dataset, rating_learn
 from kshot.rl import POLICY_LEARNERS, env_family, is_env_family
 from kshot.services.checkpoint import Checkpoint, load_checkpoint
 from kshot.tasks import EVAL_SEED, Task, TaskSource, family_sampler, family_tasks, fixed_episodes, fixed_tasks, task_family
+from kshot.text import encode_dataset, get_encoder, same_encoder, text_backbone_options
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,8 +47,16 @@ def dataset_settings(config: TrainConfig) -> dict:
 
 
 def load_split(config: TrainConfig, split: str, **settings) -> FewShotDataset:
-    """Split ``split`` of the config's dataset (``settings`` override the config's)."""
-    return load_dataset(config.dataset, split, **{**dataset_settings(config), **settings})
+    """Split ``split`` of the config's dataset (``settings`` override the config's); text seen
+    through ``config.text_encoder`` when it names one (encoded once, then read from the cache)."""
+    settings = {**dataset_settings(config), **settings}
+    data = load_dataset(config.dataset, split, **settings)
+    if config.text_encoder:  # every split shares the encodings of the whole dataset
+        text = isinstance(data, MultiSourceDataset) or hasattr(data, "texts")
+        whole = load_dataset(config.dataset, "all", **settings) if split != "all" and text else None
+        data = encode_dataset(data, get_encoder(config.text_encoder), config.encoder_layers,
+                              config.cache_dir or None, within=whole)
+    return data
 
 
 def checkpoint_extra(dataset) -> dict:
@@ -121,6 +132,8 @@ def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int
         return users, users.describe()
     settings = {"features": extra["text_features"]} if "text_features" in extra else {}
     data = load_split(config, split, **settings)
+    if "text_encoder" in extra:
+        same_encoder(extra["text_encoder"], checkpoint_extra(data).get("text_encoder"))
     expected = extra.get("example_shape")
     if expected is not None and tuple(data.example_shape) != tuple(expected):
         raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
@@ -144,6 +157,9 @@ def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
     if is_rating_dataset(config.dataset):  # a rating model sized for the release
         return rating_learner(config, ratings_from_config(config, config.train_split))
     torch.manual_seed(config.seed)
+    if config.text_encoder and config.backbone == "text_top":  # the encoder's top layers, by name and hash
+        config = replace(config, backbone_options={**text_backbone_options(config.text_encoder, config.encoder_layers),
+                                                   **config.backbone_options})
     return algorithms()[config.algo].from_config(config, example_shape)
 
 

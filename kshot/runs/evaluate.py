@@ -16,16 +16,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kshot.config import MIN_TEST_TASKS, config_from_dict
+from kshot.config import MIN_TEST_TASKS, TrainConfig, config_from_dict
 from kshot.errors import ConfigError
 from kshot.learners.base import Learner
 from kshot.recsys import RatingReport, evaluate_rating_learner, is_rating_dataset
 from kshot.rl import POLICY_LEARNERS, PolicyEvaluation
 from kshot.rl.plots import plot_returns
-from kshot.runs.build import evaluation_tasks, learner_from_checkpoint, resolve_device
+from kshot.runs.build import build_learner, evaluation_tasks, learner_from_checkpoint, load_split, resolve_device
 from kshot.services.checkpoint import load_checkpoint
 from kshot.services.distributed import Distributed
 from kshot.tasks import Task, TaskSlice
+from kshot.text import IntentResult, evaluate_released, same_encoder
 
 
 @dataclass
@@ -244,3 +245,22 @@ def _evaluate_policy(checkpoint, ckpt, config, n_tasks: int, split: str, seed: i
     record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split, "dataset": config.dataset,
               "steps": steps, "episodes_per_task": learner.episodes_per_task, **result.summary()}
     return CheckpointEvaluation(result, described, record, plots=written)
+
+
+def evaluate_intents(config: TrainConfig, seeds: Sequence[int], checkpoint: str | os.PathLike | None = None,
+                     device: str = "cpu", progress: bool = False) -> IntentResult:
+    """The standard intent-detection setting (what ``kshot intent`` does): every intent of the
+    config's dataset at once, ``config.shots`` released training utterances of each (drawn per
+    seed), the released test set; the config's learner, or the one saved in ``checkpoint``."""
+    if not config.text_encoder:
+        raise ConfigError("the intent-detection setting reads text through a pre-trained encoder; "
+                          "set --text-encoder (a model folder or hub name)")
+    data = load_split(config, "all")
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        if "text_encoder" in ckpt.extra:
+            same_encoder(ckpt.extra["text_encoder"], data.checkpoint_extra().get("text_encoder"))
+        learner = learner_from_checkpoint(ckpt)
+    else:
+        learner = build_learner(config, data.example_shape)
+    return evaluate_released(learner, data, config.shots, seeds, device=resolve_device(device), progress=progress)

@@ -118,7 +118,10 @@ class Trainer:
         if self.learner.takes_outer_step and self.dist.world_size > 1:
             raise ConfigError(f"{config.algo} takes its outer step itself and does not train distributed yet; "
                               f"run it in one process")
-        self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
+        trainable = [p for p in self.learner.parameters() if p.requires_grad]
+        #: None for learners with nothing to meta-train (Prototypical Networks on a frozen encoder,
+        #: a head fitted on each support set): the run saves them as they are and tests them.
+        self.optimizer = make_optimizer(config, trainable) if trainable else None
         self.step = 0
         #: Seconds spent in outer steps (and waiting for their tasks) over the whole run, across
         #: resumptions; validation and checkpoints excluded. Logged with every record.
@@ -181,7 +184,7 @@ class Trainer:
             return
         try:
             self.learner.load_state_dict(ckpt.state_dict)
-            if ckpt.optimizer is not None:
+            if ckpt.optimizer is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(ckpt.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.last_path} does not fit this run's learner ({e}); "
@@ -258,6 +261,8 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         self.dist.broadcast_state(self.learner)  # every rank starts from rank 0's weights
+        if self.optimizer is None:  # nothing to meta-train
+            self.step = c.steps
         start = self.step
         stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
         params = [p for p in self.learner.parameters() if p.requires_grad]
