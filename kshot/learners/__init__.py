@@ -15,6 +15,12 @@ LEARNERS: dict[str, type[Learner]] = {cls.algo: cls for cls in (ProtoNet, Siames
                                                                 Reptile)}
 
 
+def register_learner(cls: type[Learner]) -> type[Learner]:
+    """Add a learner class under its ``algo`` name (applications register their own learners)."""
+    LEARNERS[cls.algo] = cls
+    return cls
+
+
 def create_learner(algo: str, model: nn.Module, **options) -> Learner:
     """Wrap ``model`` in the learner registered as ``algo`` with its ``options``."""
     if algo not in LEARNERS:
@@ -23,4 +29,4 @@ def create_learner(algo: str, model: nn.Module, **options) -> Learner:
 
 
 __all__ = ["ANIL", "FOMAML", "LEARNERS", "Learner", "MAML", "MetaSGD", "Predictor", "ProtoNet", "Reptile",
-           "Siamese", "create_learner"]
+           "Siamese", "create_learner", "register_learner"]

@@ -234,16 +234,21 @@ class GradientLearner(Learner):
             batched with ``torch.func.vmap``), ``batched`` (MLPs: batched matrix products over
             tasks) or ``auto`` (see :meth:`GradientLearner.batch_mode`).
         loss: ``cross_entropy`` (classification) or ``mse`` (regression).
+        inner_params: the parameters that adapt in the inner loop, by name or name prefix (a
+            module: ``"decision"`` names every parameter under ``decision.``); a sequence or a
+            comma-separated string. Empty: the learner's own choice (all; ANIL: the head).
     """
 
-    config_options: ClassVar[tuple[str, ...]] = ("inner_steps", "inner_lr", "test_inner_steps", "batch_tasks")
+    config_options: ClassVar[tuple[str, ...]] = ("inner_steps", "inner_lr", "test_inner_steps", "batch_tasks",
+                                                 "inner_params")
     #: Only the parameters of the model's last layer adapt in the inner loop (ANIL).
     head_only: ClassVar[bool] = False
     #: Whether inner-loop gradients are constants for the meta-gradient (first-order variants).
     first_order_steps: bool = False
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
-                 test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy"):
+                 test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
+                 inner_params: str | Sequence[str] = ()):
         super().__init__(use_batch_statistics(model))
         if int(inner_steps) != inner_steps or inner_steps < 1:
             raise ConfigError(f"inner_steps must be an integer >= 1, not {inner_steps!r}")
@@ -262,10 +267,14 @@ class GradientLearner(Learner):
         self.generic_forward = functional_forward(self.model, fast=False)
         self.batched_forward = batched_forward(self.model)
         self.head_names = _head_names(self.model)
-        names = self.head_names if self.head_only else [n for n, _ in self.model.named_parameters()]
+        self.inner_params = parameter_prefixes(inner_params)
+        if self.inner_params:
+            names = select_parameters(self.model, self.inner_params)
+        else:
+            names = self.head_names if self.head_only else [n for n, _ in self.model.named_parameters()]
         self.adapted_names = tuple(names)
         #: ANIL on a Sequential: (body, head) forwards, so that features are computed once per task.
-        self.split = split_head(self.model) if self.head_only else None
+        self.split = split_head(self.model) if self.head_only and not self.inner_params else None
 
     # ------------------------------------------------------------------ settings
     @classmethod
@@ -294,9 +303,12 @@ class GradientLearner(Learner):
         return cls(model, loss=loss, **{name: getattr(config, name) for name in cls.config_options})
 
     def options(self) -> dict:
-        return {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
-                "test_inner_steps": self.test_inner_steps, "batch_tasks": self.batch_tasks,
-                "loss": self.loss_name}
+        options = {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
+                   "test_inner_steps": self.test_inner_steps, "batch_tasks": self.batch_tasks,
+                   "loss": self.loss_name}
+        if self.inner_params:
+            options["inner_params"] = list(self.inner_params)
+        return options
 
     @property
     def classification(self) -> bool:
@@ -433,6 +445,28 @@ class _Composed(FunctionalForward):
 
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self.head(params, self.body(params, x))
+
+
+def parameter_prefixes(names: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a, b.c"`` or ``["a", "b.c"]`` -> ``("a", "b.c")`` (empty entries dropped)."""
+    if isinstance(names, str):
+        names = names.split(",")
+    return tuple(n.strip() for n in names if n.strip())
+
+
+def select_parameters(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """Names of the model's parameters that are, or lie under, one of ``prefixes`` (in the
+    model's order); a prefix that names nothing is a ConfigError listing what there is."""
+    names = [n for n, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for prefix in prefixes:
+        matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            modules = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"inner_params {prefix!r} names no parameter of {type(model).__name__}; "
+                              f"its parameters lie under {', '.join(modules)}")
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
 
 
 def _head_names(model: nn.Module) -> list[str]:

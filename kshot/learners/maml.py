@@ -53,8 +53,8 @@ class MAML(GradientLearner):
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
-                 first_order: bool | None = None):
-        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss)
+                 first_order: bool | None = None, inner_params: str | Sequence[str] = ()):
+        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, inner_params)
         self.first_order = self.default_first_order if first_order is None else bool(first_order)
         self.first_order_steps = self.first_order
 
@@ -196,8 +196,10 @@ class MetaSGD(MAML):
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
-                 first_order: bool | None = None, metasgd_lr_high: float = 0.0):
-        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, first_order)
+                 first_order: bool | None = None, metasgd_lr_high: float = 0.0,
+                 inner_params: str | Sequence[str] = ()):
+        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, first_order,
+                         inner_params)
         self.metasgd_lr_high = float(metasgd_lr_high)
         params = dict(self.model.named_parameters())
         rates = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -19,11 +20,15 @@ from kshot.config import PRESETS, TrainConfig, config_from_dict
 from kshot.data import load_dataset
 from kshot.data.base import FewShotDataset
 from kshot.data.images import MAX_IMAGE_SIZE
+from kshot.data.multisource import MultiSourceDataset
 from kshot.errors import CheckpointError, ConfigError, KshotError
 from kshot.learners import LEARNERS, Learner, create_learner
 from kshot.models import create_model
+from kshot.recsys import RatingTasks, UserTasks, is_rating_dataset, rating_learner, ratings_from_config
+from kshot.rl import POLICY_LEARNERS, env_family, is_env_family
 from kshot.services.checkpoint import Checkpoint, load_checkpoint
 from kshot.tasks import EVAL_SEED, Task, TaskSource, family_sampler, family_tasks, fixed_episodes, fixed_tasks, task_family
+from kshot.text import encode_dataset, get_encoder, same_encoder, text_backbone_options
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,7 +48,7 @@ def option_owners() -> dict[str, list[str]]:
     """Each learner option among the settings -> the algorithms that use it (what each learner
     declares in ``config_options``, and ``sampler_options`` for its training tasks)."""
     owners: dict[str, list[str]] = {}
-    for algo, cls in sorted(LEARNERS.items()):
+    for algo, cls in sorted(algorithms().items()):
         for name in (*cls.config_options, *getattr(cls, "sampler_options", ())):
             owners.setdefault(name, []).append(algo)
     return owners
@@ -56,8 +61,7 @@ def check_config(config: TrainConfig) -> None:
     An option counts as set when it differs from its default and from the preset's value (a
     preset of one learner used with ``--algo`` of another keeps its own options quietly).
     """
-    if config.algo not in LEARNERS:
-        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+    check_algorithm(config)
     baseline = TrainConfig().to_dict()
     if config.preset in PRESETS:
         baseline.update(PRESETS[config.preset][1])
@@ -67,7 +71,9 @@ def check_config(config: TrainConfig) -> None:
         flag = "--" + name.replace("_", "-")
         raise ConfigError(f"{flag} {getattr(config, name)} is an option of {' and '.join(algos)}, which "
                           f"{config.algo} does not use; drop it, or choose --algo {algos[0]}")
-    if task_family(config.dataset) is None and min(config.ways, config.eval_ways) < 2:
+    classification = not (task_family(config.dataset) or is_env_family(config.dataset)
+                          or is_rating_dataset(config.dataset))
+    if classification and min(config.ways, config.eval_ways) < 2:
         raise ConfigError(f"{min(config.ways, config.eval_ways)}-way tasks have one possible answer (accuracy "
                           f"is always 100%); use --ways and --test-ways of 2 or more")
 
@@ -80,8 +86,16 @@ def dataset_settings(config: TrainConfig) -> dict:
 
 
 def load_split(config: TrainConfig, split: str, **settings) -> FewShotDataset:
-    """Split ``split`` of the config's dataset (``settings`` override the config's)."""
-    return load_dataset(config.dataset, split, **{**dataset_settings(config), **settings})
+    """Split ``split`` of the config's dataset (``settings`` override the config's); text seen
+    through ``config.text_encoder`` when it names one (encoded once, then read from the cache)."""
+    settings = {**dataset_settings(config), **settings}
+    data = load_dataset(config.dataset, split, **settings)
+    if config.text_encoder:  # every split shares the encodings of the whole dataset
+        text = isinstance(data, MultiSourceDataset) or hasattr(data, "texts")
+        whole = load_dataset(config.dataset, "all", **settings) if split != "all" and text else None
+        data = encode_dataset(data, get_encoder(config.text_encoder), config.encoder_layers,
+                              config.cache_dir or None, within=whole)
+    return data
 
 
 def checkpoint_extra(dataset) -> dict:
@@ -97,11 +111,37 @@ def checkpoint_extra(dataset) -> dict:
     return record
 
 
+def algorithms() -> dict[str, type[Learner]]:
+    """Every learner by algorithm name: kshot.learners' and the policy learners of kshot.rl."""
+    return {**LEARNERS, **POLICY_LEARNERS}
+
+
+def check_algorithm(config: TrainConfig) -> None:
+    """A ConfigError for an unknown algorithm, or one that cannot learn from the config's data."""
+    known = algorithms()
+    if config.algo not in known:
+        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(known))}")
+    policy, environments = config.algo in POLICY_LEARNERS, is_env_family(config.dataset)
+    if policy and not environments:
+        raise ConfigError(f"{config.algo} learns policies in environments; choose an environment family "
+                          f"with --dataset (nav2d, halfcheetah-vel, halfcheetah-dir, ant-dir)")
+    if environments and not policy:
+        raise ConfigError(f"{config.dataset} is a family of environments; train a policy on it with "
+                          f"--algo {' or '.join(sorted(POLICY_LEARNERS))}")
+
+
 def training_tasks(config: TrainConfig) -> TaskSource:
     """The stream of training tasks (or pair batches) the config's algorithm trains on."""
+    if is_env_family(config.dataset):  # a task is an environment drawn from the family
+        return env_family(config.dataset, "train", seed=config.seed, meta_batch_size=config.meta_batch_size,
+                          horizon=config.horizon)
+    if is_rating_dataset(config.dataset):  # users as tasks (kshot.recsys)
+        return RatingTasks(ratings_from_config(config, config.train_split), config.shots, config.queries,
+                           seed=config.seed, meta_batch_size=config.meta_batch_size)
     if task_family(config.dataset) is not None:  # generated tasks
         return family_sampler(config.dataset, "train", config.shots, config.queries, seed=config.seed,
                               meta_batch_size=config.meta_batch_size)
+    check_algorithm(config)
     return LEARNERS[config.algo].make_sampler(config, load_split(config, config.train_split))
 
 
@@ -118,12 +158,21 @@ def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int
     within = config.test_within_groups if within_groups is None else within_groups
     if episodes not in ("fixed", "variable"):
         raise ConfigError(f"--episodes {episodes!r}: choose fixed or variable")
+    if is_env_family(config.dataset):  # environments: each split's fixed tasks from its own seed
+        family = env_family(config.dataset, split, seed=seed, horizon=config.horizon)
+        return family.fixed_tasks(n_tasks), f"{family.description}, {config.episodes_per_task} episodes per step"
     if task_family(config.dataset) is not None:  # generated tasks (sinusoid): their own fixed seeds
         return (family_tasks(config.dataset, split, shots, queries, n_tasks, seed=seed),
                 f"{shots}-shot, {queries} queries per task")
     extra = extra or {}
+    if is_rating_dataset(config.dataset):  # one task per user of the split (at most n_tasks users)
+        users = UserTasks(ratings_from_config(config, split, extra), shots,
+                          seed=EVAL_SEED if seed is None else seed, max_users=n_tasks)
+        return users, users.describe()
     settings = {"features": extra["text_features"]} if "text_features" in extra else {}
     data = load_split(config, split, **settings)
+    if "text_encoder" in extra:
+        same_encoder(extra["text_encoder"], checkpoint_extra(data).get("text_encoder"))
     expected = extra.get("example_shape")
     if expected is not None and tuple(data.example_shape) != tuple(expected):
         raise ConfigError(f"the checkpoint's model takes examples of shape {tuple(expected)}, but "
@@ -143,10 +192,14 @@ def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int
 
 def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
     """A new learner as the config describes, its initial weights drawn from the config's seed."""
-    if config.algo not in LEARNERS:
-        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+    check_algorithm(config)
+    if is_rating_dataset(config.dataset):  # a rating model sized for the release
+        return rating_learner(config, ratings_from_config(config, config.train_split))
     torch.manual_seed(config.seed)
-    return LEARNERS[config.algo].from_config(config, example_shape)
+    if config.text_encoder and config.backbone == "text_top":  # the encoder's top layers, by name and hash
+        config = replace(config, backbone_options={**text_backbone_options(config.text_encoder, config.encoder_layers),
+                                                   **config.backbone_options})
+    return algorithms()[config.algo].from_config(config, example_shape)
 
 
 def non_finite_weights(learner: Learner) -> list[str]:
@@ -162,6 +215,8 @@ def non_finite_weights(learner: Learner) -> list[str]:
 
 def _build(spec: dict) -> Learner:
     model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
+    if spec["algo"] in POLICY_LEARNERS:
+        return POLICY_LEARNERS[spec["algo"]](model, **spec.get("options", {}))
     return create_learner(spec["algo"], model, **spec.get("options", {}))
 
 
@@ -184,22 +239,8 @@ def learner_from_checkpoint(ckpt: Checkpoint) -> Learner:
     if any(len(v) > len(ckpt.state_dict) for v in lists):  # one layer per entry, each with tensors
         raise CheckpointError(f"the checkpoint's backbone record asks for more layers than the "
                               f"{len(ckpt.state_dict)} tensors in the file")
-    try:
-        with torch.device("meta"):
-            skeleton = _build(spec)
-    except (KshotError, KeyError, RuntimeError, TypeError, ValueError, OverflowError) as e:
-        raise _malformed("learner record", e) from None
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    wrong = [k for k in expected if k in found and expected[k] != found[k]]
-    if missing or unexpected or wrong:
-        if wrong:
-            detail = f"{wrong[0]} is {found[wrong[0]]} in the file but {expected[wrong[0]]} in the record"
-        else:
-            detail = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
-        raise CheckpointError(f"the checkpoint does not match the learner it describes, so its tensors "
-                              f"were not loaded ({spec['algo']}, {spec['model']['name']}: {detail})")
+    if _sized_by_arguments(spec["model"]["name"]):
+        _check_against_tensors(spec, ckpt.state_dict)
     check_extra(ckpt.extra, ckpt.state_dict)
     try:
         learner = _build(spec)
@@ -213,6 +254,36 @@ def learner_from_checkpoint(ckpt: Checkpoint) -> Learner:
                               f"{len(learner.state_dict())} tensors, e.g. {bad[0]}): its run diverged; "
                               f"retrain with a lower learning rate")
     return learner
+
+
+def _sized_by_arguments(name: str) -> bool:
+    """kshot's own backbones (``kshot.models``) are sized by their arguments alone, and so can be
+    built on the ``meta`` device; an application's may read files (a pre-trained encoder)."""
+    import kshot.models as models
+
+    factory = getattr(models, name, None)
+    return callable(factory) and getattr(factory, "__module__", None) == models.__name__
+
+
+def _check_against_tensors(spec: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """Build the described learner on the ``meta`` device (no memory) and compare its tensors'
+    names and shapes with those in the file."""
+    try:
+        with torch.device("meta"):
+            skeleton = _build(spec)
+    except (KshotError, KeyError, RuntimeError, TypeError, ValueError, OverflowError) as e:
+        raise _malformed("learner record", e) from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [k for k in expected if k in found and expected[k] != found[k]]
+    if missing or unexpected or wrong:
+        if wrong:
+            detail = f"{wrong[0]} is {found[wrong[0]]} in the file but {expected[wrong[0]]} in the record"
+        else:
+            detail = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+        raise CheckpointError(f"the checkpoint does not match the learner it describes, so its tensors "
+                              f"were not loaded ({spec['algo']}, {spec['model']['name']}: {detail})")
 
 
 def _positive_ints(value, what: str, limit: int) -> list[int]:

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS
 from kshot.errors import CheckpointError, ConfigError, KshotError, TrainingError
-from kshot.learners import LEARNERS, Learner
-from kshot.runs.build import (build_learner, check_config, checkpoint_extra, evaluation_tasks, load_split,
-                              non_finite_weights, resolve_device, training_tasks)
+from kshot.learners import Learner
+from kshot.runs.build import (algorithms, build_learner, check_config, checkpoint_extra, evaluation_tasks,
+                              load_split, non_finite_weights, resolve_device, training_tasks)
 from kshot.runs.evaluate import EvalResult, evaluate
 from kshot.services import distributed
 from kshot.services.checkpoint import load_checkpoint, save_checkpoint
@@ -46,7 +46,7 @@ from kshot.tasks import MetaBatch, Task, TaskSource, identity_collate
 
 #: Settings that may change between a run and its resumption without changing what is learned
 #: (``steps`` only where the learning rate does not depend on it: see :func:`resumable_changes`).
-RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "log_every", "test_tasks",
+RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "snapshot_every", "log_every", "test_tasks",
                      "num_workers", "threads", "device", "data_dir", "cache_dir", "dist_timeout"}
 #: Learning-rate schedules defined over the whole run: their rate at a step depends on ``steps``.
 SCHEDULES_OVER_STEPS = ("cosine", "linear")
@@ -131,9 +131,18 @@ class Trainer:
         if learner is None:
             learner = build_learner(config, self.sampler.example_shape)
         self.learner = learner.to(self.device)
-        self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
+        if self.learner.takes_outer_step and self.dist.world_size > 1:
+            raise ConfigError(f"{config.algo} takes its outer step itself and does not train distributed yet; "
+                              f"run it in one process")
+        trainable = [p for p in self.learner.parameters() if p.requires_grad]
+        #: None for learners with nothing to meta-train (Prototypical Networks on a frozen encoder,
+        #: a head fitted on each support set): the run saves them as they are and tests them.
+        self.optimizer = make_optimizer(config, trainable) if trainable else None
         self.step = 0
         self._last_saved: int | None = None  # the step last.safetensors holds
+        #: Seconds spent in outer steps (and waiting for their tasks) over the whole run, across
+        #: resumptions; validation and checkpoints excluded. Logged with every record.
+        self.train_seconds = 0.0
         self.best_val: dict | None = None
         self.after_training_summary: dict | None = None  # from the learner's after_training report
 
@@ -162,6 +171,10 @@ class Trainer:
     def best_path(self) -> Path:
         return self.run_dir / "best.safetensors"
 
+    def snapshot_path(self, step: int) -> Path:
+        """Where ``snapshot_every`` keeps the weights of ``step`` (for learning curves)."""
+        return self.run_dir / "snapshots" / f"step-{step:08d}.safetensors"
+
     @property
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
@@ -184,14 +197,15 @@ class Trainer:
                                 f"{bad[0]}), so {path.name} was not written; {self._what_to_lower()}")
         with self._writing(path):
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
-                            train_state={"step": self.step, "best_val": self.best_val},
+                            train_state={"step": self.step, "best_val": self.best_val,
+                                         "train_seconds": self.train_seconds},
                             optimizer=self.optimizer if with_optimizer else None,
                             extra=checkpoint_extra(self.sampler.dataset))
 
     def _what_to_lower(self) -> str:
         c = self.config
         knobs = [f"--lr (now {c.lr:g})"]
-        if "inner_lr" in LEARNERS[c.algo].config_options:
+        if "inner_lr" in algorithms()[c.algo].config_options:
             knobs.insert(0, f"--inner-lr (now {c.inner_lr:g})")
         clip = "" if c.grad_clip else ", or set --grad-clip (e.g. 10)"
         last = (f"; {self.last_path} holds step {self._last_saved}" if self._last_saved is not None else "")
@@ -204,6 +218,8 @@ class Trainer:
         if loss is not None and not math.isfinite(loss):
             raise TrainingError(f"step {step + 1}: the meta-training loss is {loss} (not finite), so "
                                 f"training stopped; {self._what_to_lower()}")
+        if not params:  # the learner took its own outer step (no meta-gradient to check)
+            return
         grads = [(name, p.grad) for name, p in self.learner.named_parameters() if p.grad is not None]
         if not grads:
             return
@@ -221,7 +237,7 @@ class Trainer:
             return
         try:
             self.learner.load_state_dict(ckpt.state_dict)
-            if ckpt.optimizer is not None:
+            if ckpt.optimizer is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(ckpt.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.last_path} does not fit this run's learner ({e}); "
@@ -229,6 +245,7 @@ class Trainer:
         self.step = int(ckpt.train_state.get("step", 0))
         self._last_saved = self.step
         self.best_val = ckpt.train_state.get("best_val")
+        self.train_seconds = float(ckpt.train_state.get("train_seconds", 0.0))
         self._truncate_metrics(self.step)
 
     def _read_last(self):
@@ -314,18 +331,21 @@ class Trainer:
             with self._writing(self.run_dir / "config.json"):
                 atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         self.dist.broadcast_state(self.learner)  # every rank starts from rank 0's weights
+        if self.optimizer is None:  # nothing to meta-train
+            self.step = c.steps
         start = self.step
         stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
         params = [p for p in self.learner.parameters() if p.requires_grad]
         window: dict[str, float] = {}
         n_window, busy, waited = 0, 0.0, 0.0
         t_begin = time.perf_counter()
-        shape = "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot"
+        shape = getattr(self.sampler, "description", None) or (
+            "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot")
         bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {shape}",
                    disable=not self.progress, dynamic_ncols=True)
         self.learner.train()
         batches = self._batches(start, stop)
-        t_ready = time.perf_counter()
+        t_ready = t_waiting = time.perf_counter()
         try:
             for step, batch in batches:
                 t_got = time.perf_counter()
@@ -334,37 +354,48 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate(c, step)
                 batch = [t.to(self.device, non_blocking=True) for t in batch]
-                self.optimizer.zero_grad(set_to_none=True)
-                statistics = self.dist.snapshot_statistics(self.learner)
-                metrics = self.learner.meta_gradient(batch)
-                # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
-                # merged: every rank then holds the state one process would have.
-                metrics = self.dist.average_gradients(params, metrics, statistics)
-                self._check_finite(step, metrics, params)
-                if c.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-                self.optimizer.step()
+                if self.learner.takes_outer_step:  # e.g. TRPO: its own line search
+                    metrics = self.learner.outer_step(batch, self.optimizer)
+                    self._check_finite(step, metrics, [])
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    statistics = self.dist.snapshot_statistics(self.learner)
+                    metrics = self.learner.meta_gradient(batch)
+                    # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
+                    # merged: every rank then holds the state one process would have.
+                    metrics = self.dist.average_gradients(params, metrics, statistics)
+                    self._check_finite(step, metrics, params)
+                    if c.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                    self.optimizer.step()
                 self.step += 1
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + v
                 n_window += 1
                 t_ready = time.perf_counter()
                 busy += t_ready - t_got
+                self.train_seconds += t_ready - t_waiting
                 if self.step % c.log_every == 0 or self.step == stop:
                     record = {"step": self.step, "split": "train", **{k: v / n_window for k, v in window.items()},
                               "lr": learning_rate(c, step),
                               "tasks_per_s": n_window * c.meta_batch_size / max(busy + waited, 1e-9),
-                              "data_wait": waited / max(busy + waited, 1e-9)}
+                              "data_wait": waited / max(busy + waited, 1e-9),
+                              "train_seconds": self.train_seconds}
                     self._log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
+                    if "return_pre" in record:  # policies: the return before and after adaptation
+                        bar.set_postfix({k: f"{record[k]:.2f}" for k in ("return_pre", "return_post") if k in record})
+                    else:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
                     window, n_window, busy, waited = {}, 0, 0.0, 0.0
                 if c.val_every and (self.step % c.val_every == 0 or self.step == c.steps):
                     self._validate_and_keep_best()
                 if self.step % c.checkpoint_every == 0 or self.step == stop:
                     self._save(self.last_path, with_optimizer=True)
                     self._last_saved = self.step
+                if c.snapshot_every and self.step % c.snapshot_every == 0:
+                    self._save(self.snapshot_path(self.step), with_optimizer=False)
                 bar.update(1)
-                t_ready = time.perf_counter()
+                t_ready = t_waiting = time.perf_counter()
         finally:
             bar.close()
             batches.close()
@@ -381,11 +412,14 @@ class Trainer:
     def _validate_and_keep_best(self) -> None:
         result = self.validate().summary()
         if self.dist.is_main:
-            self._log({"step": self.step, "split": "val", **result})
+            self._log({"step": self.step, "split": "val", **result, "train_seconds": self.train_seconds})
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
                 self._save(self.best_path, with_optimizer=False)
-            if self.progress and math.isnan(result["acc"]):
+            if self.progress and "return" in result:
+                tqdm.write(f"step {self.step}: val return {result['return']:.3f} ± {result['return_ci95']:.3f} "
+                           f"after {result['return_step']} adaptation steps")
+            elif self.progress and math.isnan(result["acc"]):
                 tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}")
             elif self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
@@ -437,6 +471,7 @@ class Trainer:
         summary = {"test": {**result, "ways": c.eval_ways, "shots": c.eval_shots},
                    "best_val": self.best_val, "after_training": self.after_training_summary,
                    "steps": self.step, "train_seconds_this_session": seconds,
+                   "train_seconds": self.train_seconds,
                    "config": c.to_dict()}
         with self._writing(self.run_dir / "results.json"):
             atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
