@@ -78,11 +78,18 @@ def run_train(args: argparse.Namespace) -> int:
     if result.best_val:
         bv = result.best_val
         print(f"best meta-validation: {_score(bv)} at step {bv['step']} "
-              f"({config.eval_ways}-way {config.eval_shots}-shot)")
+              f"({config.eval_ways}-way {config.eval_shots}-shot){_protocol(bv)}")
     if result.test:
         t = result.test
-        print(f"meta-test ({t['tasks']} tasks, {t['ways']}-way {t['shots']}-shot): {_score(t)}")
+        print(f"meta-test ({t['tasks']} tasks, {t['ways']}-way {t['shots']}-shot): {_score(t)}{_protocol(t)}")
     return 0
+
+
+def _protocol(result: dict) -> str:
+    """``, transductive`` or ``, non-transductive``: how the queries of a result were normalised."""
+    if "transductive" not in result:
+        return ""
+    return ", transductive" if result["transductive"] else ", non-transductive"
 
 
 def _score(result: dict) -> str:
@@ -113,13 +120,16 @@ def run_eval(args: argparse.Namespace) -> int:
         args.checkpoint, ways=args.ways, shots=args.shots, queries=args.queries, tasks=args.tasks,
         split=args.split, seed=args.seed, within_groups=args.within_groups, episodes=args.episodes,
         dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
-        data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
+        data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
+        transductive=args.transductive)
     result = evaluation.result
     print(evaluation.description)
     if result.is_regression:
-        print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks)")
+        print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks), "
+              f"{result.protocol}")
     else:
-        print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
+        print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks), "
+              f"{result.protocol}")
     if args.out:
         from kshot.services.files import atomic_write_text
 
@@ -149,6 +159,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: as the run was validated)")
     p.add_argument("--episodes", default="fixed", choices=("fixed", "variable"),
                    help="fixed: --ways x --shots tasks; variable: Meta-Dataset episodes")
+    p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=None,
+                   help="maml family, reptile: normalise each task's query set by its own batch-norm "
+                        "statistics (Finn et al.'s protocol) or, --no-transductive, by the support set's "
+                        "(default: as the run was trained)")
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on "
                    "(cross-domain evaluation; a+b for tasks from each of several)")
     p.add_argument("--protocol", help="dataset split protocol")

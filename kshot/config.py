@@ -73,6 +73,13 @@ class TrainConfig:
     test_inner_steps: int = 0  # maml family, reptile: inner steps at validation/test (0: same as inner_steps)
     batch_tasks: str = "auto"  # maml family, reptile: loop | vmap | batched (MLPs) | auto (see docs/MAML.md)
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
+    transductive: bool = False  # maml family, reptile: normalise each query batch by its own batch-norm statistics, in training and at validation/test (Finn et al.'s protocol); otherwise by the support set's, so that a query's prediction depends on nothing else
+    head_init: str = "learned"  # maml family, reptile: learned | prototypes (every task's head starts from its support set's class prototypes: Proto-MAML); tasks of other ways than the head always start from prototypes
+    multi_step_loss: int = 0  # maml family (MAML++ MSL): for the first this many outer steps, the query losses after every inner step, weights annealed to the last step (0: off)
+    per_step_lr: bool = False  # maml family (MAML++ LSLR): a learned inner learning rate per layer and inner step
+    per_step_bn: bool = False  # maml family (MAML++ BNWB): batch-norm weights and biases per inner step
+    per_step_bn_stats: bool = False  # maml family (MAML++ BNRS): running batch-norm statistics per inner step, which non-transductive predictions normalise by
+    second_order_after: int = 0  # maml family (MAML++ DA): first-order meta-gradients for the first this many outer steps, then second order
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks

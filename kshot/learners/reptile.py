@@ -30,6 +30,9 @@ class Reptile(GradientLearner):
 
     algo = "reptile"
     first_order_steps = True
+    #: Reptile's meta-gradient moves the head towards adapted heads, so the head is learned; tasks
+    #: of other ways than the head still start from a prototype head at test time.
+    head_inits = ("learned",)
 
     def meta_gradient(self, tasks: Sequence[Task], scale: float = 1.0) -> dict[str, float]:
         """Accumulate ``scale * (theta - mean over tasks of phi)`` into ``.grad``.

@@ -115,8 +115,10 @@ def learner_from_checkpoint(ckpt: Checkpoint) -> Learner:
     """Rebuild the learner a checkpoint describes and load its weights."""
     spec = ckpt.learner
     try:
+        if spec["algo"] not in LEARNERS:
+            create_learner(spec["algo"], None)  # the one-line error naming the known algorithms
         model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
-        learner = create_learner(spec["algo"], model, **spec.get("options", {}))
+        learner = LEARNERS[spec["algo"]].from_saved_options(model, dict(spec.get("options", {})))
         learner.load_state_dict(ckpt.state_dict)
     except (KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"the checkpoint does not match the learner it describes "

@@ -3,6 +3,10 @@
 The interval is the normal approximation used throughout the few-shot literature,
 ``1.96 * std(task accuracies) / sqrt(n_tasks)``: over 600+ tasks it is accurate, and papers
 report it so, which makes figures comparable.
+
+Every result names its protocol: ``non-transductive`` (each query scored from the support set
+and itself alone) or ``transductive`` (batch norm over each task's query set, as Finn et al.
+evaluated MAML); see :meth:`kshot.learners.base.Learner.inference`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 
 from kshot.config import MIN_TEST_TASKS, config_from_dict
 from kshot.errors import ConfigError
-from kshot.learners.base import Learner
+from kshot.learners.base import Learner, protocol_name
 from kshot.runs.build import evaluation_tasks, learner_from_checkpoint, resolve_device
 from kshot.services.checkpoint import load_checkpoint
 from kshot.services.distributed import Distributed
@@ -37,6 +41,12 @@ class EvalResult:
     accuracies: np.ndarray
     losses: np.ndarray
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    #: whether queries were normalised by their own batch (see the module docstring)
+    transductive: bool = False
+
+    @property
+    def protocol(self) -> str:
+        return protocol_name(self.transductive)
 
     @property
     def n_tasks(self) -> int:
@@ -64,12 +74,13 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {"acc": self.mean, "acc_ci95": self.ci95, "loss": self.loss, "loss_ci95": self.loss_ci95,
-                "tasks": self.n_tasks, **{k: float(np.mean(v)) for k, v in self.metrics.items()}}
+                "tasks": self.n_tasks, "transductive": self.transductive,
+                **{k: float(np.mean(v)) for k, v in self.metrics.items()}}
 
     def __str__(self) -> str:
         if self.is_regression:
-            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} over {self.n_tasks} tasks"
-        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f} % over {self.n_tasks} tasks"
+            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} over {self.n_tasks} tasks ({self.protocol})"
+        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f} % over {self.n_tasks} tasks ({self.protocol})"
 
 
 def confidence_interval(values: Sequence[float] | np.ndarray, z: float = 1.96) -> float:
@@ -82,7 +93,7 @@ def confidence_interval(values: Sequence[float] | np.ndarray, z: float = 1.96) -
 
 def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device = "cpu",
              progress: bool = False, desc: str = "evaluating", trace: bool = False,
-             dist: Distributed | None = None) -> EvalResult:
+             dist: Distributed | None = None, transductive: bool | None = None) -> EvalResult:
     """Adapt ``learner`` to each task's support set and score it on the task's queries.
 
     The learner is put in eval mode for the duration (batch norm uses its running statistics
@@ -93,9 +104,18 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
     In a distributed run (``dist``), each rank evaluates its share of the (sized) task sequence
     and every rank gets the whole result, per-task figures in task order, as one process
     would; the inner-loop ``trace`` is then left out.
+
+    ``transductive`` chooses the protocol (None: the learner's own; True needs a learner with
+    batch norm on the batch, and is refused with one line for the others).
     """
     if dist is not None and dist.enabled:
-        return _evaluate_shared(learner, tasks, dist, device=device, progress=progress, desc=desc)
+        return _evaluate_shared(learner, tasks, dist, device=device, progress=progress, desc=desc,
+                                transductive=transductive)
+    with learner.inference(transductive):
+        return _evaluate(learner, tasks, device, progress, desc, trace)
+
+
+def _evaluate(learner: Learner, tasks: Iterable[Task], device, progress: bool, desc: str, trace: bool) -> EvalResult:
     was_training = learner.training
     learner.eval()
     accs, losses = [], []
@@ -116,7 +136,8 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
     finally:
         learner.train(was_training)
     return EvalResult(np.array(accs, dtype=np.float64), np.array(losses),
-                      {k: np.array(v) for k, v in traced.items() if len(v) == len(losses)})
+                      {k: np.array(v) for k, v in traced.items() if len(v) == len(losses)},
+                      transductive=learner.transductive)
 
 
 def _evaluate_shared(learner: Learner, tasks: Sequence[Task], dist: Distributed, **kwargs) -> EvalResult:
@@ -126,7 +147,7 @@ def _evaluate_shared(learner: Learner, tasks: Sequence[Task], dist: Distributed,
     rows = torch.stack([torch.as_tensor(mine.accuracies, dtype=torch.float64),
                         torch.as_tensor(mine.losses, dtype=torch.float64)], 1).reshape(-1, 2)
     gathered = dist.gather_shares(rows, len(tasks)).numpy()
-    return EvalResult(gathered[:, 0].copy(), gathered[:, 1].copy())
+    return EvalResult(gathered[:, 0].copy(), gathered[:, 1].copy(), transductive=mine.transductive)
 
 
 @dataclass
@@ -147,11 +168,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
                         dataset: str | None = None, protocol: str | None = None,
                         image_size: int | None = None, data_dir: str | None = None,
                         cache_dir: str | None = None, device: str = "cpu",
-                        progress: bool = False) -> CheckpointEvaluation:
+                        progress: bool = False, transductive: bool | None = None) -> CheckpointEvaluation:
     """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
 
     Unset options take the run's own settings (its test ways and shots, its dataset and split
-    protocol, whether its tasks came from one class group); ``dataset`` evaluates across domains.
+    protocol, whether its tasks came from one class group, whether it was trained and validated
+    transductively); ``dataset`` evaluates across domains. Any number of ways works: learners
+    with a trained head start tasks of other ways from a head of prototypes.
     Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
     """
     if tasks < MIN_TEST_TASKS:
@@ -172,13 +195,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     within = config.test_within_groups if within_groups is None else within_groups
     task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
-    result = evaluate(learner, task_set, device=device, progress=progress)
+    result = evaluate(learner, task_set, device=device, progress=progress, transductive=transductive)
     described = (f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
-                 f"{split}: {shape}")
+                 f"{split}: {shape}; {result.protocol} predictions")
     variable = episodes == "variable"
     record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split,
               "episodes": episodes, "ways": None if variable else ways,
               "shots": None if variable else shots, "queries": None if variable else queries,
               "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
-              **result.summary()}
+              "inference": result.protocol, **result.summary()}
     return CheckpointEvaluation(result, described, record)

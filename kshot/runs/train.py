@@ -34,6 +34,7 @@ from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS
 from kshot.errors import CheckpointError, ConfigError
 from kshot.learners import LEARNERS, Learner
+from kshot.learners.base import protocol_name
 from kshot.runs.build import (build_learner, checkpoint_extra, evaluation_tasks, load_split, resolve_device,
                               training_tasks)
 from kshot.runs.evaluate import EvalResult, evaluate
@@ -269,6 +270,7 @@ class Trainer:
                 batch = [t.to(self.device, non_blocking=True) for t in batch]
                 self.optimizer.zero_grad(set_to_none=True)
                 statistics = self.dist.snapshot_statistics(self.learner)
+                self.learner.set_training_step(step)  # schedules over training (MAML++)
                 metrics = self.learner.meta_gradient(batch)
                 # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
                 # merged: every rank then holds the state one process would have.
@@ -316,11 +318,13 @@ class Trainer:
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
                 self._save(self.best_path, with_optimizer=False)
+            protocol = protocol_name(result["transductive"])
             if self.progress and math.isnan(result["acc"]):
-                tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}")
+                tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}, "
+                           f"{protocol}")
             elif self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
-                           f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}")
+                           f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}, {protocol}")
 
     def _val_dataset(self):
         sampler = getattr(self._val_tasks, "sampler", None)

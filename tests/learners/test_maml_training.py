@@ -92,7 +92,7 @@ def test_cli_reports_mse_for_regression_and_refuses_bad_settings(tmp_path):
     evaluated = kshot("eval", str(run_dir), "--tasks", "600", "--queries", "50", "--quiet")
     assert evaluated.returncode == 0, evaluated.stderr
     assert re.search(r"MSE \d+\.\d+ ± \d+\.\d+ \(95% CI over 600 tasks\)", evaluated.stdout), evaluated.stdout
-    for args, pattern in ((["--algo", "maml", "--test-ways", "20"], "cannot be tested on 20-way"),
+    for args, pattern in ((["--algo", "maml", "--head-init", "zeros"], "head_init learned or prototypes"),
                           (["--algo", "maml", "--batch-tasks", "sometimes"], "unknown batch_tasks"),
                           (["--algo", "metasgd", "--inner-lr", "0"], "inner_lr must be positive")):
         bad = kshot("train", *args, "--steps", "1", "--run-dir", str(tmp_path / "bad"), "--quiet")
