@@ -137,12 +137,16 @@ class MAML(GradientLearner):
             self.step_statistics = nn.Module()
             for layer_name, layer in norms.items():
                 key = param_key(layer_name)
-                self.step_statistics.register_buffer(f"{key}__mean", torch.zeros(slots, layer.num_features))
-                self.step_statistics.register_buffer(f"{key}__var", torch.ones(slots, layer.num_features))
+                like = dict(dtype=layer.weight.dtype, device=layer.weight.device) if layer.affine else {}
+                self.step_statistics.register_buffer(f"{key}__mean", torch.zeros(slots, layer.num_features, **like))
+                self.step_statistics.register_buffer(f"{key}__var", torch.ones(slots, layer.num_features, **like))
             self._norm_names = list(norms)
         if self.per_step_lr:
-            self.step_lrs = nn.ParameterDict({param_key(n): nn.Parameter(torch.full((self.inner_steps,), self.inner_lr))
-                                              for n in self.adapted_names})
+            own = dict(self.model.named_parameters())
+            self.step_lrs = nn.ParameterDict({
+                param_key(n): nn.Parameter(torch.full((self.inner_steps,), self.inner_lr, dtype=own[n].dtype,
+                                                      device=own[n].device))
+                for n in self.adapted_names})
 
     def options(self) -> dict:
         return {**super().options(), "first_order": self.first_order, "multi_step_loss": self.multi_step_loss,
@@ -219,9 +223,9 @@ class MAML(GradientLearner):
                 mean, var = batch_moments(x.detach())
                 n = x.numel() // max(x.shape[1], 1)
                 row = min(k, last)
-                buffers[f"{param_key(name)}__mean"][row].lerp_(mean.to(torch.float32), RUNNING_MOMENTUM)
-                buffers[f"{param_key(name)}__var"][row].lerp_((var * n / max(n - 1, 1)).to(torch.float32),
-                                                              RUNNING_MOMENTUM)
+                running_mean, running_var = buffers[f"{param_key(name)}__mean"], buffers[f"{param_key(name)}__var"]
+                running_mean[row].lerp_(mean.to(running_mean.dtype), RUNNING_MOMENTUM)
+                running_var[row].lerp_((var * n / max(n - 1, 1)).to(running_var.dtype), RUNNING_MOMENTUM)
 
         def observe(k: int):
             return forward.observing(lambda name, x: update(k, name, x))
