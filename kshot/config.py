@@ -80,6 +80,9 @@ class TrainConfig:
     per_step_bn: bool = False  # maml family (MAML++ BNWB): batch-norm weights and biases per inner step
     per_step_bn_stats: bool = False  # maml family (MAML++ BNRS): running batch-norm statistics per inner step, which non-transductive predictions normalise by
     second_order_after: int = 0  # maml family (MAML++ DA): first-order meta-gradients for the first this many outer steps, then second order
+    batch_size: int = 16  # baseline, baseline++, rfs: labelled examples per pre-training batch
+    head_epochs: int = 100  # baseline, baseline++: epochs of SGD over a task's support set fitting its new head (Chen et al.: 100)
+    head_lr: float = 0.01  # baseline, baseline++: learning rate of that SGD (Chen et al.: 0.01)
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks

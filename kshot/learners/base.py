@@ -123,6 +123,13 @@ class Learner(nn.Module, ABC):
         return cls(model, **{name: getattr(config, name) for name in cls.config_options})
 
     @classmethod
+    def for_training(cls, config, source) -> "Learner":
+        """The learner to train on ``source`` (what :meth:`make_sampler` made): by default as
+        :meth:`from_config` builds it for the source's example shape; learners that need more
+        of their training data (the number of classes of a pre-training head) read it here."""
+        return cls.from_config(config, source.example_shape)
+
+    @classmethod
     def from_saved_options(cls, model: nn.Module, options: dict) -> "Learner":
         """Wrap ``model`` with options read from a checkpoint (which may predate some options)."""
         return cls(model, **options)

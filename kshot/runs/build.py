@@ -103,11 +103,14 @@ def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int
                    + (", classes of each task from one group" if within else ""))
 
 
-def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
-    """A new learner as the config describes, its initial weights drawn from the config's seed."""
+def build_learner(config: TrainConfig, example_shape: Sequence[int], source=None) -> Learner:
+    """A new learner as the config describes, its initial weights drawn from the config's seed;
+    given its training ``source``, built for it (a pre-training head sized to its classes)."""
     if config.algo not in LEARNERS:
         raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
     torch.manual_seed(config.seed)
+    if source is not None:
+        return LEARNERS[config.algo].for_training(config, source)
     return LEARNERS[config.algo].from_config(config, example_shape)
 
 

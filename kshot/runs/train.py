@@ -115,7 +115,7 @@ class Trainer:
         self.sampler = sampler if sampler is not None else training_tasks(config)
         self._val_tasks, self._test_tasks = val_tasks, test_tasks
         if learner is None:
-            learner = build_learner(config, self.sampler.example_shape)
+            learner = build_learner(config, self.sampler.example_shape, source=self.sampler)
         self.learner = learner.to(self.device)
         self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
         self.step = 0
