@@ -417,9 +417,11 @@ def _maml_omniglot(algo: str, ways: int, shots: int) -> dict:
     # Finn et al. 2017, appendix A.1 and the authors' code: strided Conv4 with 64 filters, batch
     # norm on each batch, K support and K query examples per class; 5-way: 1 step of 0.4, 32
     # tasks per meta-batch; 20-way: 5 steps of 0.1, 16 tasks. Adam 1e-3, 60,000 meta-iterations.
+    # Batch norm on each batch, queries included, in training and at test: Finn et al.'s
+    # transductive protocol, named in every result.
     five = ways == 5
     return dict(algo=algo, dataset="omniglot", protocol="vinyals", image_size=28, backbone="conv4",
-                backbone_options={"pool": "stride"}, ways=ways, shots=shots, queries=shots,
+                transductive=True, backbone_options={"pool": "stride"}, ways=ways, shots=shots, queries=shots,
                 test_ways=ways, test_shots=shots, test_queries=15,
                 meta_batch_size=32 if five else 16, inner_steps=1 if five else 5,
                 inner_lr=0.4 if five else 0.1, test_inner_steps=3 if five else 5,
@@ -435,6 +437,37 @@ for (_ways, _shots), _acc in _OMNIGLOT_PAPER.items():
 register_preset("fomaml-omniglot-5way-1shot",
                 "First-order MAML, Omniglot 5-way 1-shot (Finn et al. 2017: 98.3%)",
                 _maml_omniglot("fomaml", 5, 1))
+# Li et al. 2017, Table 2: 99.53% (5-way 1-shot), with Finn et al.'s network, data and schedule and
+# one inner step; rates drawn in [0.005, 0.1] as for their regression experiments.
+register_preset("metasgd-omniglot-5way-1shot",
+                "Meta-SGD, Omniglot 5-way 1-shot (Li et al. 2017: 99.53%), Finn et al.'s setting, 1 step",
+                {**_maml_omniglot("metasgd", 5, 1), "inner_lr": 0.005, "metasgd_lr_high": 0.1,
+                 "test_inner_steps": 1})
+
+
+def _mamlpp_omniglot(ways: int) -> dict:
+    # Antoniou et al. 2019 and their released configurations (omniglot_maml++-omniglot_1_8_0.1_64_
+    # {5,20}_0.json): Conv4 with 64 filters and max-pooling, 5 inner steps (also at test) from a
+    # learned per-layer per-step rate initialised at 0.1, per-step batch-norm weights and running
+    # statistics, the multi-step loss for the first 10 of 100 epochs of 500 steps, second order
+    # throughout (their configurations set no derivative-order annealing; the paper's text anneals
+    # for 50 epochs: --second-order-after 25000), 8 tasks per meta-batch, 1 query per class in
+    # training, Adam 1e-3 with cosine annealing (to 0 here, 1e-5 there). Batch norm on the batch at
+    # test as in their code (transductive). Differences: kshot's Vinyals split with rotated classes
+    # instead of their random split with rotations, and one model instead of their ensemble of the
+    # 5 best validation checkpoints.
+    return dict(algo="maml", dataset="omniglot", protocol="vinyals", image_size=28, backbone="conv4",
+                transductive=True, ways=ways, shots=1, queries=1, test_ways=ways, test_shots=1, test_queries=15,
+                meta_batch_size=8, inner_steps=5, test_inner_steps=5, inner_lr=0.1, per_step_lr=True,
+                per_step_bn=True, per_step_bn_stats=True, multi_step_loss=5000, second_order_after=0,
+                optimizer="adam", lr=1e-3, lr_schedule="cosine", steps=50_000, val_every=2500, val_tasks=200,
+                checkpoint_every=500, log_every=100, test_tasks=1000)
+
+
+for _ways, _acc in ((5, 99.47), (20, 97.76)):
+    register_preset(f"mamlpp-omniglot-{_ways}way-1shot",
+                    f"MAML++, Omniglot {_ways}-way 1-shot (Antoniou et al. 2019: {_acc}%), their released settings",
+                    _mamlpp_omniglot(_ways))
 
 
 def _sinusoid(algo: str, shots: int) -> dict:

@@ -188,7 +188,10 @@ class Trainer:
         ckpt = load_checkpoint(self.last_path)
         saved = config_from_dict(ckpt.config).to_dict()
         now = self.config.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        # A setting newer than the checkpoint is not compared: the run was trained as that setting's
+        # value reproduces (an older MAML run, transductively, as its preset now says explicitly).
+        written = set(ckpt.config or {})
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and k in written and saved.get(k) != now[k])
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
             raise ConfigError(f"{self.run_dir} holds a run with other settings ({diffs}); "
