@@ -82,14 +82,17 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
               bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Batch norm of ``x [n, C, ...]`` by given statistics, differentiable in all of them."""
+    """Batch norm of ``x [n, C, ...]`` by given statistics, differentiable in all of them: the
+    statistics and the affine parameters folded into one scale and shift per channel, so that the
+    large tensor sees a single fused multiply-add."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.view(shape)
+        scale = scale * weight
+    shift = -mean * scale
     if bias is not None:
-        y = y + bias.view(shape)
-    return y
+        shift = shift + bias
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
 
 def batch_norm_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -226,8 +229,11 @@ class SequentialForward(FunctionalForward):
         def record(name, layer, inp):
             if self.observer is not None:
                 self.observer(name, inp)
-            stats[name] = batch_moments(inp)
-            return normalise(inp, *stats[name], *self._affine(params, name, layer), layer.eps)
+            stats[name] = batch_moments(inp)  # what the queries will be normalised by (differentiable)
+            weight, bias = self._affine(params, name, layer)
+            if weight is None:
+                return F.batch_norm(inp, None, None, None, None, training=True, eps=layer.eps)
+            return BatchNormBatchStats.apply(inp, weight, bias, layer.eps)  # the batch's own: PyTorch's kernels
         return self._run(params, x, record), stats
 
     def with_statistics(self, params: Params, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
