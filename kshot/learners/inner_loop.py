@@ -27,8 +27,11 @@ loss (cross-entropy, or MSE for regression task families), and implements ``adap
 * **Any number of ways.** A task whose ways differ from the model's head (or every task, with
   ``head_init="prototypes"``: Proto-MAML, Triantafillou et al. 2020) starts from a linear head
   built from the support set's class prototypes ``mu_c`` on the body's features,
-  ``W_c = 2 mu_c, b_c = -||mu_c||^2`` (the linear form of ProtoNet's squared distances), which
-  the inner loop then adapts with the rest.
+  ``W_c = 2 mu_c, b_c = -||mu_c||^2`` (the linear form of ProtoNet's squared distances). With
+  ``head_init="prototypes"`` the inner loop adapts it with the rest, as trained; a learner
+  meta-trained with a learned head adapts only the new head on tasks of other ways (its body's
+  initialisation was learned for a head of much smaller weights, and full steps at its rate
+  overshoot).
 * **Predictions that do not depend on their neighbours.** With ``transductive=False`` (the
   default of the settings) every query is normalised by the batch-norm statistics of the
   support set at the adapted parameters, in training and at test, so a query's scores depend
@@ -669,7 +672,13 @@ class GradientLearner(Learner):
                     w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
             params = {**params, weight: w, **({bias[0]: b} if bias else {})}
             lr = self._head_rates(lr, ways)
-        inner = InnerLoop(forward, self._loss, self.adapted_names, unused=forward.unused)
+        names = self.adapted_names
+        if prototype and self.head_init == "learned":
+            # The body's initialisation was meta-learned under a learned head of other ways; with a
+            # prototype head (weights of the features' size) its steps at the trained rate overshoot
+            # (docs/MAML.md measures it), so only the new head adapts on the body's features.
+            names = tuple(self.head_names)
+        inner = InnerLoop(forward, self._loss, names, unused=forward.unused)
         watch = self.observer(forward) if observe else None
         result = inner.adapt(params, support_in, support_y, steps, lr, create_graph, functional=functional,
                              keep_trajectory=keep_trajectory, point=point, observe=watch)
