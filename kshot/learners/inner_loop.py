@@ -375,7 +375,7 @@ class GradientLearner(Learner):
     head_inits: ClassVar[tuple[str, ...]] = HEAD_INITS
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
-                 test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
+                 test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy", *,
                  transductive: bool = False, head_init: str = "learned"):
         super().__init__(use_batch_statistics(model))
         if int(inner_steps) != inner_steps or inner_steps < 1:
