@@ -34,9 +34,11 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs/protonet-omniglot", help="run directories go here")
     parser.add_argument("--out", default="docs/results/protonet_omniglot", help="output path stem")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--snapshot-every", type=int, default=2000,
+                        help="keep the weights every this many episodes (benchmarks/time_to_accuracy.py)")
     args = parser.parse_args(argv)
 
-    from kshot.services.checkpoint import load_learner
+    from kshot.runs.build import load_learner
     from kshot.config import resolve_config
     from kshot.data import load_dataset
     from kshot.runs.evaluate import evaluate
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
         parser.error("--steps: give one number, or one per --shots value")
     for shots, n_steps in zip(shot_counts, steps):
         preset = f"protonet-omniglot-5way-{shots}shot"
-        overrides = dict(steps=n_steps, threads=args.threads, test_tasks=0, train_split=args.train_split)
+        overrides = dict(steps=n_steps, threads=args.threads, test_tasks=0, train_split=args.train_split,
+                         snapshot_every=args.snapshot_every)
         if args.train_split == "trainval":
             overrides["val_every"] = 0  # the val classes are trained on: the final weights are kept
         config = resolve_config(preset, overrides=overrides)

@@ -87,6 +87,7 @@ class TrainConfig:
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks
     checkpoint_every: int = 500  # write last.safetensors every this many steps
+    snapshot_every: int = 0  # also keep the weights of every this many steps in snapshots/ (learning curves; 0: off)
     log_every: int = 50  # average training metrics over this many steps per log record
     test_tasks: int = 1000  # fixed test tasks evaluated with the best checkpoint at the end (0: skip)
     seed: int = 0  # seed of the model init and of the task stream
@@ -116,7 +117,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("queries", "val_every", "val_tasks", "checkpoint_every", "test_tasks",
+        for name in ("queries", "val_every", "val_tasks", "checkpoint_every", "snapshot_every", "test_tasks",
                      "num_workers", "threads", "test_ways", "test_shots", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")

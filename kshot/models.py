@@ -21,6 +21,7 @@ import inspect
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kshot.errors import ConfigError
@@ -116,6 +117,13 @@ class Conv4(nn.Sequential):
     Outputs a flat embedding, or class scores when ``out_features`` adds a linear head (as the
     gradient-based learners need). ``track_running_stats=False`` makes batch norm always use
     the current batch's statistics, as MAML does.
+
+    The forward pass computes exactly the layers' function, faster on a CPU: activations in
+    channels-last layout (the CPU kernels of convolution, batch norm and max-pooling are
+    vectorised over channels there), the first convolution (1 x 3 x 3 inputs per output) as an
+    im2col matrix product, and each ReLU that precedes a max-pool applied after it (``relu`` is
+    monotonic, so ``maxpool(relu(x)) == relu(maxpool(x))``, gradients included) on a quarter of
+    the values. Measured in benchmarks/protonet_speed.py (docs/RESULTS.md).
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, blocks: int = 4, pool: str = "max",
@@ -134,6 +142,77 @@ class Conv4(nn.Sequential):
                 side = side // 2 if pool == "max" else (side - 1) // 2 + 1
             layers.append(nn.Linear(hidden * side * side, out_features))
         super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for module in self:
+            x = _block_forward(module, x) if type(module) is nn.Sequential else module(x)
+        return x
+
+
+def _block_forward(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)``, with a ReLU followed by a max-pool computed as the pool, then the ReLU, and
+    a convolution of few inputs per output as a matrix product."""
+    layers = list(block)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if type(layer) is nn.ReLU and i + 1 < len(layers) and type(layers[i + 1]) is nn.MaxPool2d:
+            x = F.relu(layers[i + 1](x), inplace=layer.inplace)
+            i += 2
+            continue
+        if isinstance(layer, nn.Conv2d) and runs_as_matmul(layer) and x.device.type == "cpu":
+            x = im2col_conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+        else:
+            x = layer(x)
+        i += 1
+    return x
+
+
+#: A convolution with at most this many inputs per output value (in_channels x kh x kw) runs as
+#: an im2col matrix product: the CPU convolution kernels are slow for so few input channels
+#: (Conv4's first layer: 1 x 3 x 3 inputs).
+IM2COL_MAX_INPUTS = 32
+
+
+def runs_as_matmul(layer: nn.Conv2d) -> bool:
+    """Whether :func:`im2col_conv2d` computes ``layer`` (few inputs per output, zero padding)."""
+    kh, kw = layer.kernel_size
+    return (type(layer) is nn.Conv2d and layer.groups == 1 and not isinstance(layer.padding, str)
+            and layer.padding_mode == "zeros" and layer.in_channels * kh * kw <= IM2COL_MAX_INPUTS)
+
+
+def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                  dilation) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, ...)`` as one matrix product over unfolded patches.
+
+    Args:
+        x: inputs ``[n, C, H, W]``.
+        weight: ``[out, C, kh, kw]``; bias ``[out]`` or None.
+
+    Returns:
+        ``[n, out, H', W']`` in channels-last memory (what the next layers want on a CPU).
+    """
+    n, _, height, width = x.shape
+    kh, kw = weight.shape[-2:]
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [n, k, L]
+    # [k, n*L] contiguous: then the weight gradient is one [k, n*L] @ [n*L, out] product
+    # (the [n*L, k]^T layout a batched matmul would give is several times slower on CPU).
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+    w = weight.reshape(weight.shape[0], -1).t().contiguous()  # [k, out]
+    out = cols.t().mm(w)  # [n*L, out]
+    if bias is not None:
+        out = out + bias
+    # [n, out_h, out_w, out] viewed as NCHW: channels-last memory, no copy.
+    return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _image_input(shape: Sequence[int]) -> dict:

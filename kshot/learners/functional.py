@@ -40,16 +40,14 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from kshot.models import im2col_conv2d, runs_as_matmul
+
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
 #: Batch-norm statistics by layer name: ``(mean [C], biased variance [C])``.
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 #: ``observer(layer name, input)`` sees the input of every batch-norm layer (running statistics).
 Observer = Callable[[str, torch.Tensor], None]
-
-#: A convolution with at most this many inputs per output value (in_channels x kh x kw) runs as
-#: an im2col matrix product: the CPU convolution kernels are slow for so few input channels.
-IM2COL_MAX_INPUTS = 32
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -445,24 +443,9 @@ def _conv(name: str, layer: nn.Conv2d, first: bool, bias: bool):
     w, b = f"{name}.weight", f"{name}.bias"
     has_bias = bias and layer.bias is not None
     stride, padding, dilation, groups = layer.stride, layer.padding, layer.dilation, layer.groups
-    kh, kw = layer.kernel_size
-    im2col = (groups == 1 and not isinstance(padding, str) and layer.padding_mode == "zeros"
-              and layer.in_channels * kh * kw <= IM2COL_MAX_INPUTS)
-    if im2col:
+    if runs_as_matmul(layer):
         def op(params: Params, x: torch.Tensor) -> torch.Tensor:
-            n, _, height, width = x.shape
-            out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-            out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-            cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [n, k, L]
-            # [k, n*L] contiguous: then the weight gradient is one [k, n*L] @ [n*L, out] product
-            # (the [n*L, k]^T layout a batched matmul would give is several times slower on CPU).
-            cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-            weight = params[w].reshape(params[w].shape[0], -1).t().contiguous()             # [k, out]
-            out = cols.t().mm(weight)                                                        # [n*L, out]
-            if has_bias:
-                out = out + params[b]
-            # [n, out_h, out_w, out] viewed as NCHW: channels-last memory, no copy.
-            return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+            return im2col_conv2d(x, params[w], params[b] if has_bias else None, stride, padding, dilation)
         return op
 
     def op(params: Params, x: torch.Tensor) -> torch.Tensor:

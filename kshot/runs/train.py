@@ -46,7 +46,7 @@ from kshot.services.plots import plot_curves
 from kshot.tasks import MetaBatch, Task, TaskSource, identity_collate
 
 #: Settings that may change between a run and its resumption without changing what is learned.
-RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "log_every", "test_tasks",
+RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "snapshot_every", "log_every", "test_tasks",
                      "num_workers", "threads", "device", "data_dir", "cache_dir", "dist_timeout"}
 
 
@@ -119,6 +119,9 @@ class Trainer:
         self.learner = learner.to(self.device)
         self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
         self.step = 0
+        #: Seconds spent in outer steps (and waiting for their tasks) over the whole run, across
+        #: resumptions; validation and checkpoints excluded. Logged with every record.
+        self.train_seconds = 0.0
         self.best_val: dict | None = None
         self.after_training_summary: dict | None = None  # from the learner's after_training report
 
@@ -147,6 +150,10 @@ class Trainer:
     def best_path(self) -> Path:
         return self.run_dir / "best.safetensors"
 
+    def snapshot_path(self, step: int) -> Path:
+        """Where ``snapshot_every`` keeps the weights of ``step`` (for learning curves)."""
+        return self.run_dir / "snapshots" / f"step-{step:08d}.safetensors"
+
     @property
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
@@ -160,7 +167,8 @@ class Trainer:
     def _save(self, path: Path, with_optimizer: bool) -> None:
         if self.dist.is_main:
             save_checkpoint(path, self.learner, config=self.config.to_dict(),
-                            train_state={"step": self.step, "best_val": self.best_val},
+                            train_state={"step": self.step, "best_val": self.best_val,
+                                         "train_seconds": self.train_seconds},
                             optimizer=self.optimizer if with_optimizer else None,
                             extra=checkpoint_extra(self.sampler.dataset))
 
@@ -179,6 +187,7 @@ class Trainer:
                                   f"use another --run-dir") from None
         self.step = int(ckpt.train_state.get("step", 0))
         self.best_val = ckpt.train_state.get("best_val")
+        self.train_seconds = float(ckpt.train_state.get("train_seconds", 0.0))
         self._truncate_metrics(self.step)
 
     def _read_last(self):
@@ -262,7 +271,7 @@ class Trainer:
                    disable=not self.progress, dynamic_ncols=True)
         self.learner.train()
         batches = self._batches(start, stop)
-        t_ready = time.perf_counter()
+        t_ready = t_waiting = time.perf_counter()
         try:
             for step, batch in batches:
                 t_got = time.perf_counter()
@@ -287,11 +296,13 @@ class Trainer:
                 n_window += 1
                 t_ready = time.perf_counter()
                 busy += t_ready - t_got
+                self.train_seconds += t_ready - t_waiting
                 if self.step % c.log_every == 0 or self.step == stop:
                     record = {"step": self.step, "split": "train", **{k: v / n_window for k, v in window.items()},
                               "lr": learning_rate(c, step),
                               "tasks_per_s": n_window * c.meta_batch_size / max(busy + waited, 1e-9),
-                              "data_wait": waited / max(busy + waited, 1e-9)}
+                              "data_wait": waited / max(busy + waited, 1e-9),
+                              "train_seconds": self.train_seconds}
                     self._log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
                     window, n_window, busy, waited = {}, 0, 0.0, 0.0
@@ -299,8 +310,10 @@ class Trainer:
                     self._validate_and_keep_best()
                 if self.step % c.checkpoint_every == 0 or self.step == stop:
                     self._save(self.last_path, with_optimizer=True)
+                if c.snapshot_every and self.step % c.snapshot_every == 0:
+                    self._save(self.snapshot_path(self.step), with_optimizer=False)
                 bar.update(1)
-                t_ready = time.perf_counter()
+                t_ready = t_waiting = time.perf_counter()
         finally:
             bar.close()
             batches.close()
@@ -317,7 +330,7 @@ class Trainer:
     def _validate_and_keep_best(self) -> None:
         result = self.validate().summary()
         if self.dist.is_main:
-            self._log({"step": self.step, "split": "val", **result})
+            self._log({"step": self.step, "split": "val", **result, "train_seconds": self.train_seconds})
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
                 self._save(self.best_path, with_optimizer=False)
@@ -375,6 +388,7 @@ class Trainer:
         summary = {"test": {**result, "ways": c.eval_ways, "shots": c.eval_shots},
                    "best_val": self.best_val, "after_training": self.after_training_summary,
                    "steps": self.step, "train_seconds_this_session": seconds,
+                   "train_seconds": self.train_seconds,
                    "config": c.to_dict()}
         atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
         return summary["test"]

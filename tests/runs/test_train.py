@@ -100,3 +100,22 @@ def test_data_waiting_is_measured_and_logged(trained_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
     assert all(0.0 <= r["data_wait"] < 1.0 and r["tasks_per_s"] > 0 for r in train_records)
+
+
+def test_training_time_adds_up_across_resumption_and_snapshots_are_kept(tmp_path, cache_dir):
+    """``train_seconds`` is the run's cumulative time in outer steps (a learning curve's x axis),
+    carried across a resumption; ``snapshot_every`` keeps the weights of those steps."""
+    settings = dict(steps=6, val_every=0, test_tasks=0, checkpoint_every=3, log_every=3, snapshot_every=3,
+                    cache_dir=str(cache_dir))
+    train(resolve_config("quick", overrides=settings), tmp_path, progress=False, stop_after=3)
+    first = load_checkpoint(tmp_path / "last.safetensors").train_state["train_seconds"]
+    train(resolve_config("quick", overrides=settings), tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["train_seconds"] for r in records if r["split"] == "train"]
+    assert len(seconds) == 2 and 0 < first == seconds[0] < seconds[1]
+    assert load_checkpoint(tmp_path / "last.safetensors").train_state["train_seconds"] == seconds[1]
+    snapshots = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert snapshots == ["step-00000003.safetensors", "step-00000006.safetensors"]
+    final = load_checkpoint(tmp_path / "last.safetensors").state_dict
+    kept = load_checkpoint(tmp_path / "snapshots" / "step-00000006.safetensors").state_dict
+    assert all(torch.equal(final[k], kept[k]) for k in final)
