@@ -46,6 +46,16 @@ def pretrained(omniglot):
     data = ClassSubset(omniglot("train"), range(0, 400, 20))
     sampler = LabelledBatchSampler(data, batch_size=40, seed=0)
     out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs before the tests' one-thread fixture
+    try:
+        _pretrain(sampler, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _pretrain(sampler, out) -> None:
     for cls in (Baseline, BaselinePlusPlus, RFS):
         torch.manual_seed(0)
         learner = cls(small_backbone(), num_classes=sampler.num_classes, embedding_dim=8)
@@ -56,7 +66,6 @@ def pretrained(omniglot):
             losses.append(learner.meta_gradient(sampler.meta_batch(step))["loss"])
             optimizer.step()
         out[cls] = learner, losses
-    return out
 
 
 @pytest.mark.parametrize("cls", [Baseline, BaselinePlusPlus, RFS])

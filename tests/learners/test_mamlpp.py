@@ -160,12 +160,13 @@ def test_mamlpp_meta_gradient_equals_an_unrolled_reference(transductive):
     assert float(bn_w.grad[0].abs().max()) > 1e-4 and float(rates["5.weight"].grad.abs().min()) > 1e-6
 
 
-def test_mamlpp_options_give_the_same_numbers_batched_with_vmap():
+@pytest.mark.parametrize("head_init", ["learned", "prototypes"])
+def test_mamlpp_options_give_the_same_numbers_batched_with_vmap(head_init):
     tasks = tasks_of(3)
     grads = {}
     for mode in ("loop", "vmap"):
         learner = MAML(tiny_cnn(), inner_steps=2, inner_lr=0.3, multi_step_loss=10, per_step_lr=True,
-                       per_step_bn=True, batch_tasks=mode)
+                       per_step_bn=True, head_init=head_init, batch_tasks=mode)
         learner.set_training_step(3)
         learner.meta_gradient(tasks)
         grads[mode] = torch.cat([p.grad.flatten() for p in learner.parameters()])
