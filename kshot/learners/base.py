@@ -77,14 +77,26 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
+def check_classes(support_y: torch.Tensor, ways: int) -> None:
+    """Refuse, in one line, a support set in which some of the ``ways`` classes have no example."""
+    counts = torch.bincount(support_y.flatten(), minlength=ways)[:ways] if support_y.dim() == 1 else \
+        torch.stack([torch.bincount(y, minlength=ways)[:ways] for y in support_y])
+    if bool((counts == 0).any()):
+        missing = sorted(set(torch.nonzero(counts == 0)[:, -1].tolist()))
+        raise ConfigError(f"classes {missing} have no support examples; every class needs at least one")
+
+
+def class_means(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
+    """Mean of each class's rows: ``[ways, d]`` from ``support_z [n, d]`` and labels ``[n]``, every
+    class present (no data-dependent check: composable with ``torch.func.vmap``)."""
+    one_hot = (support_y[:, None] == torch.arange(ways, device=support_y.device)).to(support_z.dtype)  # [n, ways]
+    return (one_hot.T @ support_z) / one_hot.sum(0)[:, None]
+
+
 def prototypes(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
     """Mean embedding of each class: ``[ways, d]`` from ``support_z [n, d]`` and labels ``[n]``."""
-    one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # [n, ways]
-    counts = one_hot.sum(0)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ConfigError(f"classes {missing} have no support examples; every class needs at least one")
-    return (one_hot.T @ support_z) / counts[:, None]
+    check_classes(support_y, ways)
+    return class_means(support_z, support_y, ways)
 
 
 def protocol_name(transductive: bool) -> str:

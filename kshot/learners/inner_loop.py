@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kshot.errors import ConfigError
-from kshot.learners.base import Learner, Predictor, accuracy, prototypes
+from kshot.learners.base import Learner, Predictor, accuracy, check_classes, class_means
 from kshot.learners.functional import (Composed, Forward, FunctionalForward, Params, Statistics, batched_forward,
                                        functional_forward, head_layer, split_head, use_batch_statistics)
 
@@ -223,7 +223,7 @@ def prototype_head(features: torch.Tensor, labels: torch.Tensor, ways: int) -> t
     """Proto-MAML's linear head from a support set's features ``[n, d]`` and labels ``[n]``:
     ``W_c = 2 mu_c`` ``[ways, d]`` and ``b_c = -||mu_c||^2`` ``[ways]``, so that
     ``W z + b = -||z - mu||^2 + ||z||^2``: ProtoNet's scores up to a term equal for all classes."""
-    mu = prototypes(features.flatten(1), labels, ways)
+    mu = class_means(features.flatten(1), labels, ways)
     return 2 * mu, -mu.pow(2).sum(-1)
 
 
@@ -640,6 +640,8 @@ class GradientLearner(Learner):
         prototype = self.needs_prototype_head(ways)
         if prototype:
             self._check_replaceable_head(None if self.head_init == "prototypes" else ways)
+            if not functional:  # under vmap the caller checks the stacked labels
+                check_classes(support_y, ways)
         transductive = self.transductive
         encode: Callable[[torch.Tensor], torch.Tensor] = _identity
         if self.head_only and split is not None:  # ANIL: the body's features once, the head adapts on them

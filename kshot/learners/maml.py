@@ -45,6 +45,7 @@ from torch import nn
 
 from kshot.config import register_preset
 from kshot.errors import ConfigError
+from kshot.learners.base import check_classes
 from kshot.learners.functional import FunctionalForward, Params, Statistics, batch_moments, batch_norm_layers
 from kshot.learners.inner_loop import (GradientLearner, LearningRates, Point, TaskAdaptation, param_key,
                                        twice_differentiable)
@@ -324,6 +325,8 @@ class MAML(GradientLearner):
 
     def _meta_gradient_vmap(self, tasks: Sequence[Task], scale: float) -> dict[str, float]:
         support_x, support_y, query_x, query_y = stack_tasks(tasks)
+        if self.needs_prototype_head(tasks[0].ways):
+            check_classes(support_y, tasks[0].ways)
         meta = {n: p.detach() for n, p in self.meta_parameters().items()}
         own_rates = self.rate_parameters()
         rates = {n: v.detach() for n, v in own_rates.items()}
