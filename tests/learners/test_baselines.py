@@ -17,7 +17,8 @@ from kshot.learners.baselines import CosineClassifier, logistic_regression
 from kshot.models import create_model
 from kshot.runs.train import train
 from kshot.services.checkpoint import load_checkpoint
-from kshot.tasks import LabelledBatchSampler, TaskSampler
+from kshot.runs.evaluate import evaluate
+from kshot.tasks import LabelledBatchSampler, TaskSampler, fixed_tasks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,6 +124,10 @@ def test_an_untrained_baseline_adapts_but_does_not_pretrain(omniglot):
     learner = Baseline(small_backbone())
     with pytest.raises(ConfigError, match="built without its training classes"):
         learner.meta_gradient([])
+    tasks = fixed_tasks(omniglot("val"), 5, 1, 1, n_tasks=2)
+    with pytest.raises(ConfigError, match="never depend on the other queries"):  # kshot eval --transductive
+        evaluate(learner, tasks, transductive=True)
+    assert evaluate(learner, tasks).protocol == "non-transductive"
     assert PRESETS["baselinepp-omniglot-5way-1shot"][1]["steps"] == 25_700
     assert "95.41" in PRESETS["baselinepp-omniglot-5way-1shot"][0] and "62.02" in PRESETS["rfs-miniimagenet-5way-1shot"][0]
 
