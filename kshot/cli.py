@@ -77,11 +77,12 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}")
     if result.best_val:
         bv = result.best_val
-        print(f"best meta-validation: {_score(bv)} at step {bv['step']} "
-              f"({config.eval_ways}-way {config.eval_shots}-shot){_protocol(bv)}")
+        shape = "" if "return" in bv else f" ({config.eval_ways}-way {config.eval_shots}-shot)"
+        print(f"best meta-validation: {_score(bv)} at step {bv['step']}{shape}{_protocol(bv)}")
     if result.test:
         t = result.test
-        print(f"meta-test ({t['tasks']} tasks, {t['ways']}-way {t['shots']}-shot): {_score(t)}{_protocol(t)}")
+        shape = "" if "return" in t else f", {t['ways']}-way {t['shots']}-shot"
+        print(f"meta-test ({t['tasks']} tasks{shape}): {_score(t)}{_protocol(t)}")
     return 0
 
 
@@ -93,7 +94,11 @@ def _protocol(result: dict) -> str:
 
 
 def _score(result: dict) -> str:
-    """Accuracy ± CI, or the loss (MSE) ± CI for regression, where accuracy is NaN."""
+    """Accuracy ± CI, the loss (MSE) ± CI for regression, where accuracy is NaN, or a policy's
+    return after adaptation."""
+    if "return" in result:
+        return (f"return {result['return']:.3f} ± {result.get('return_ci95', float('nan')):.3f} "
+                f"after {result.get('return_step', 1)} adaptation steps")
     if result["acc"] != result["acc"]:
         return f"MSE {result['loss']:.4f} ± {result.get('loss_ci95', float('nan')):.4f}"
     return f"{100 * result['acc']:.2f} ± {100 * result['acc_ci95']:.2f} %"
@@ -121,10 +126,18 @@ def run_eval(args: argparse.Namespace) -> int:
         split=args.split, seed=args.seed, within_groups=args.within_groups, episodes=args.episodes,
         dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
         data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet,
-        transductive=args.transductive)
+        steps=args.steps, plot=args.plot, transductive=args.transductive)
     result = evaluation.result
     print(evaluation.description)
-    if result.is_regression:
+    if hasattr(result, "table"):  # a policy: the return after each adaptation step
+        print(f"average return (95% CI over {result.n_tasks} tasks):")
+        print(result.table())
+        for path in evaluation.plots:
+            print(f"wrote {path}")
+    elif evaluation.report is not None:  # a rating model: recommendation metrics per user
+        print("\n".join(evaluation.report.lines()))
+        print("(means ± 95% CI over users; nDCG of each user's query items ranked by predicted rating)")
+    elif result.is_regression:
         print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks), "
               f"{result.protocol}")
     else:
@@ -171,6 +184,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", dest="cache_dir")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--steps", type=int, default=3,
+                   help="policies: report the return after 0..STEPS adaptation steps (default 3)")
+    p.add_argument("--plot", help="policies: the PNG of return against steps (default: returns-<split>.png "
+                   "beside the checkpoint; 2D navigation also draws trajectories beside it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -221,18 +238,35 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- adapt
-@command("adapt", "adapt a trained learner to your own classes and predict your query files")
+@command("adapt", "adapt a trained learner to your own classes and predict your query files "
+                  "(a policy: to a task of its environments)")
 def run_adapt(args: argparse.Namespace) -> int:
-    from kshot.runs.adapt import adapt_and_predict
+    from kshot.errors import ConfigError
+    from kshot.runs.adapt import adapt_and_predict, adapt_policy
     from kshot.runs.build import resolve_device
 
+    _set_threads(args.threads)
+    if args.checkpoint is None and (args.task is not None or not args.text_encoder):
+        raise ConfigError("give a checkpoint (or, for utterances, --text-encoder to classify them "
+                          "with a pre-trained encoder and nothing trained)")
+    if args.task is not None:
+        out = None if args.out == "predictions.csv" else args.out
+        done = adapt_policy(args.checkpoint, args.task, steps=args.steps, episodes=args.episodes,
+                            seed=args.seed, out=out or "adapted.safetensors")
+        returns = ", ".join(f"{r:.3f}" for r in done.returns)
+        print(f"adapted the policy to {json.dumps(done.task)} in {done.steps} steps")
+        print(f"average return after 0..{done.steps} steps: {returns}")
+        print(f"wrote the adapted policy to {done.path}")
+        return 0
+    if args.support is None or args.query is None:
+        raise ConfigError("give --support and --query (a classifier), or --task (a policy)")
     if args.shots is not None and args.shots < 1:
         from kshot.errors import ConfigError
         raise ConfigError(f"--shots must be at least 1, not {args.shots}")
-    _set_threads(args.threads)
     model, support, predictions = adapt_and_predict(
         args.checkpoint, args.support, args.query, shots=args.shots,
-        device=resolve_device(args.device), batch_size=args.batch_size)
+        device=resolve_device(args.device), batch_size=args.batch_size,
+        text_encoder=args.text_encoder, algo=args.algo)
     info = sys.stderr if args.out == "-" else sys.stdout
     classes = ", ".join(f"{name} ({n})" for name, n in list(model.support_counts.items())[:8])
     more = f", ... ({model.ways} classes)" if model.ways > 8 else ""
@@ -251,21 +285,119 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 @run_adapt.arguments
 def _adapt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run directory (uses best)")
-    p.add_argument("--support", required=True,
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a .safetensors checkpoint, or a run directory (uses best); none with --text-encoder")
+    p.add_argument("--support",
                    help="folder with one sub-folder of images per class (or, for a model trained on "
-                        "a table, a CSV/Parquet file with the label column)")
-    p.add_argument("--query", required=True,
+                        "a table, a CSV/Parquet file with the label column; for text, a CSV file "
+                        "with columns text,label)")
+    p.add_argument("--query",
                    help="folder of images to classify, loose or in class sub-folders (then accuracy "
-                        "is printed too); or a table")
+                        "is printed too); or a table; for text, a CSV file (label column optional) "
+                        "or a text file with one utterance per line")
+    p.add_argument("--text-encoder", dest="text_encoder", default=None,
+                   help="text: a Hugging Face encoder folder or hub name; without a checkpoint, "
+                        "classify utterances with it and nothing trained (with a checkpoint: where "
+                        "its encoder is now, if moved)")
+    p.add_argument("--algo", default="protonet", choices=("protonet", "finetune"),
+                   help="without a checkpoint: protonet (cosine prototypes of the embeddings) or "
+                        "finetune (a logistic-regression head fitted on them); default protonet")
     p.add_argument("--out", default="predictions.csv",
                    help="CSV written with one row per query: file, predicted class, probability of "
-                        "each class (default: predictions.csv; '-' prints it)")
+                        "each class (default: predictions.csv; '-' prints it); a policy: the adapted "
+                        "checkpoint (default: adapted.safetensors)")
+    p.add_argument("--task", help='policies: the task to adapt to, as JSON: \'{"goal": [0.3, -0.2]}\' (nav2d), '
+                   '\'{"velocity": 1.5}\' (halfcheetah-vel), \'{"direction": -1}\' (halfcheetah-dir, ant-dir)')
+    p.add_argument("--steps", type=int, default=None,
+                   help="policies: policy-gradient steps (default: the run's test steps)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="policies: episodes per step (default: the run's episodes_per_task)")
+    p.add_argument("--seed", type=int, default=0, help="policies: seed of the episodes' random draws")
     p.add_argument("--shots", type=int, default=None,
                    help="use only the first SHOTS support examples of each class (default: all)")
     p.add_argument("--batch-size", type=int, default=256, dest="batch_size",
                    help="query examples per forward pass (default 256)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+# ----------------------------------------------------------------------------- intent
+@command("intent", "text: the standard intent-detection setting (all intents, K shots, released test set)")
+def run_intent(args: argparse.Namespace) -> int:
+    from kshot.config import resolve_config
+    from kshot.runs.evaluate import evaluate_intents
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
+    config = resolve_config(args.preset, args.config, overrides)
+    _set_threads(config.threads)
+    if args.seeds < 1:
+        from kshot.errors import ConfigError
+        raise ConfigError(f"--seeds must be at least 1, not {args.seeds}")
+    result = evaluate_intents(config, list(range(args.seeds)), checkpoint=args.checkpoint,
+                              device=config.device, progress=not args.quiet)
+    print(f"{config.algo} on {config.dataset} through {config.text_encoder}: {result}")
+    if args.out:
+        from kshot.services.files import atomic_write_text
+
+        record = {"config": config.to_dict(), "checkpoint": args.checkpoint, **result.summary()}
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+@run_intent.arguments
+def _intent_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="e.g. text-intent-banking77-10shot (`kshot presets` lists them)")
+    p.add_argument("--config", help="a TOML, YAML or JSON file of settings")
+    p.add_argument("--checkpoint", help="use this trained learner instead of the config's (untrained) one")
+    p.add_argument("--seeds", type=int, default=5, help="support sets drawn, one per seed (default 5)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_arguments(p)
+
+
+# ----------------------------------------------------------------------------- recommend
+@command("recommend", "a new user's top-N unseen movies from a few ratings (a rating model's checkpoint)")
+def run_recommend(args: argparse.Namespace) -> int:
+    from kshot.recsys.recommend import recommend
+    from kshot.runs.build import resolve_device
+
+    _set_threads(args.threads)
+    result = recommend(args.checkpoint, args.ratings, top=args.top, age=args.age, gender=args.gender,
+                       occupation=args.occupation, zip_code=args.zip, min_ratings=args.min_ratings,
+                       data_dir=args.data_dir,
+                       cache_dir=args.cache_dir, device=resolve_device(args.device))
+    info = sys.stderr if args.out == "-" else sys.stdout
+    for note in result.user.notes():
+        print(f"kshot: note: {note}", file=sys.stderr)
+    print(f"adapted to {len(result.user.items)} ratings; top {len(result.titles)} unseen movies "
+          f"(predicted rating, title):", file=info)
+    print("\n".join(result.lines()), file=info)
+    if args.out == "-":
+        sys.stdout.write(result.to_csv())
+    else:
+        result.write_csv(args.out)
+        print(f"wrote {args.out}", file=info)
+    return 0
+
+
+@run_recommend.arguments
+def _recommend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a rating model's .safetensors checkpoint, or its run directory")
+    p.add_argument("--ratings", required=True,
+                   help="CSV of your ratings: a movie column (movie_id or title) and a rating column (1-5)")
+    p.add_argument("--top", type=int, default=10, help="how many movies to recommend (default 10)")
+    p.add_argument("--out", default="recommendations.csv",
+                   help="CSV written with rank, movie_id, title, predicted_rating (default: "
+                        "recommendations.csv; '-' prints it)")
+    p.add_argument("--min-ratings", type=int, default=10, dest="min_ratings",
+                   help="recommend only movies at least this many training users rated (default 10)")
+    p.add_argument("--age", type=int, default=None, help="your age in years (optional)")
+    p.add_argument("--gender", default=None, help="M or F (optional)")
+    p.add_argument("--occupation", default=None, help="one of the release's occupations (optional)")
+    p.add_argument("--zip", default=None, help="your zip code (optional)")
+    p.add_argument("--data-dir", dest="data_dir", help="where the MovieLens release is (default: the run's)")
+    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
 
 

@@ -40,6 +40,8 @@ class TrainConfig:
     train_split: str = "train"  # split to meta-train on: train, or trainval (train + val, for final runs)
     backbone: str = "conv4"  # backbone network
     backbone_options: dict = field(default_factory=dict)  # extra backbone arguments, e.g. {"hidden": 32}
+    text_encoder: str = ""  # text datasets: a pre-trained Hugging Face encoder (folder or hub name) instead of hashed n-grams
+    encoder_layers: int = 0  # text_encoder: its top layers that are trained or adapted (0: all frozen, embeddings cached)
     # -- tasks
     ways: int = 5  # classes per training task (N)
     shots: int = 1  # support examples per class (K)
@@ -72,6 +74,8 @@ class TrainConfig:
     inner_lr: float = 0.4  # maml family, reptile: inner learning rate (metasgd: its initial value)
     test_inner_steps: int = 0  # maml family, reptile: inner steps at validation/test (0: same as inner_steps)
     batch_tasks: str = "auto"  # maml family, reptile: loop | vmap | batched (MLPs) | auto (see docs/MAML.md)
+    body_lr: float = 0.0  # finetune: learning rate of the encoder's top layers on the support set (0: the head only)
+    head_l2: float = 0.0  # finetune: L2 penalty on the head's weights
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
     transductive: bool = False  # maml family, reptile: normalise each query batch by its own batch-norm statistics, in training and at validation/test (Finn et al.'s protocol); otherwise by the support set's, so that a query's prediction depends on nothing else
     head_init: str = "learned"  # maml family, reptile: learned | prototypes (every task's head starts from its support set's class prototypes: Proto-MAML); tasks of other ways than the head always start from prototypes
@@ -83,6 +87,16 @@ class TrainConfig:
     batch_size: int = 16  # baseline, baseline++, rfs: labelled examples per pre-training batch
     head_epochs: int = 100  # baseline, baseline++: epochs of SGD over a task's support set fitting its new head (Chen et al.: 100)
     head_lr: float = 0.01  # baseline, baseline++: learning rate of that SGD (Chen et al.: 0.01)
+    inner_params: str = ""  # maml family, reptile: the parameters that adapt, by name or prefix, comma-separated ("": all; anil: the head)
+    # -- reinforcement learning (kshot.rl; --dataset nav2d | halfcheetah-vel | halfcheetah-dir | ant-dir)
+    episodes_per_task: int = 20  # rl: episodes per task for each inner step and for the outer objective (K)
+    horizon: int = 0  # rl: steps per episode (0: the environment family's own; nav2d 100, half-cheetah 200)
+    discount: float = 0.99  # rl: discount of future rewards
+    gae_lambda: float = 1.0  # rl: GAE lambda of the advantages (1: return minus the fitted baseline, as in the paper)
+    outer_step: str = "trpo"  # rl: trpo (conjugate gradient, KL line search) | ppo (clipped surrogate with the outer optimiser)
+    max_kl: float = 0.01  # rl, trpo: trust region, the mean KL of the adapted policies
+    clip_ratio: float = 0.2  # rl, ppo: clipping of the probability ratio
+    outer_epochs: int = 5  # rl, ppo: optimiser steps per meta-batch
     # -- validation, checkpoints, logging
     val_every: int = 500  # validate on fixed tasks every this many steps (0: never)
     val_tasks: int = 200  # fixed validation tasks
@@ -123,6 +137,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, not {self.lr}")
+        if self.encoder_layers < 0 or self.body_lr < 0 or self.head_l2 < 0:
+            raise ConfigError("encoder_layers, body_lr and head_l2 must not be negative")
+        if self.encoder_layers and not self.text_encoder:
+            raise ConfigError("encoder_layers needs a text_encoder (a model folder or hub name)")
         if self.inner_steps < 1 or self.test_inner_steps < 0:
             raise ConfigError(f"inner_steps must be at least 1 and test_inner_steps at least 0, not "
                               f"{self.inner_steps} and {self.test_inner_steps}")
@@ -149,6 +167,16 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout must be positive, not {self.dist_timeout}")
         if self.log_every < 1:
             raise ConfigError("log_every must be at least 1")
+        if self.episodes_per_task < 1 or self.horizon < 0 or self.outer_epochs < 1:
+            raise ConfigError(f"episodes_per_task and outer_epochs must be at least 1 and horizon at least 0, not "
+                              f"{self.episodes_per_task}, {self.outer_epochs} and {self.horizon}")
+        if not 0 < self.discount <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"discount must be in (0, 1] and gae_lambda in [0, 1], not {self.discount} "
+                              f"and {self.gae_lambda}")
+        if self.outer_step not in ("trpo", "ppo"):
+            raise ConfigError(f"unknown outer_step {self.outer_step!r}; choose trpo or ppo")
+        if self.max_kl <= 0 or self.clip_ratio <= 0:
+            raise ConfigError(f"max_kl and clip_ratio must be positive, not {self.max_kl} and {self.clip_ratio}")
         return self
 
 

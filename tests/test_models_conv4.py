@@ -33,7 +33,7 @@ def test_fast_forward_equals_layer_by_layer(omniglot, kwargs):
     reference.load_state_dict(model.state_dict())
     for training in (False, True):  # float32; eval mode uses the running statistics
         model.train(training), reference.train(training)
-        torch.testing.assert_close(model(x), layer_by_layer(reference, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(x), layer_by_layer(reference, x), rtol=1e-3, atol=1e-3)
     model, reference, x = model.double(), reference.double(), x.double()
     reference.load_state_dict(model.state_dict())  # the same running statistics again
 

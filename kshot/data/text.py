@@ -245,7 +245,8 @@ class TextDataset(FewShotDataset):
     """
 
     def __init__(self, texts: Sequence[str], labels: Sequence[int] | np.ndarray,
-                 class_names: Sequence[str], featuriser: TextFeaturiser | None = None):
+                 class_names: Sequence[str], featuriser: TextFeaturiser | None = None,
+                 parts: Sequence[str] | None = None):
         labels = np.asarray(labels, dtype=np.int64)
         if len(texts) != len(labels):
             raise DataError(f"{len(texts)} texts but {len(labels)} labels")
@@ -254,11 +255,21 @@ class TextDataset(FewShotDataset):
         self.texts = list(texts)
         self.labels = labels
         self.class_names = list(class_names)
+        #: The released part (``train``, ``val``, ``test``) each text comes from, where known.
+        self.parts = None if parts is None else np.asarray(parts, dtype=str)
         self.text_featuriser = featuriser or TextFeaturiser()
-        self.features = self.text_featuriser.sparse(self.texts)
+        self._features: SparseRows | None = None
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(len(self.class_names) + 1))
         self._examples = [order[bounds[c]:bounds[c + 1]] for c in range(len(self.class_names))]
+
+    @property
+    def features(self) -> SparseRows:
+        """The hashed features of every text, computed on first use (a pre-trained encoder
+        reading :attr:`texts` instead never needs them)."""
+        if self._features is None:
+            self._features = self.text_featuriser.sparse(self.texts)
+        return self._features
 
     def class_examples(self) -> Sequence[np.ndarray]:
         return self._examples
@@ -280,11 +291,13 @@ def _check_split(split: str, name: str) -> None:
         raise DataError(f"unknown {name} split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def _grouped(pairs: Sequence[tuple[str, str]], classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Texts of ``classes`` and their labels (index into ``classes``), in file order."""
+def _grouped(pairs: Sequence[tuple[str, str, str]],
+             classes: Sequence[str]) -> tuple[list[str], np.ndarray, list[str]]:
+    """Texts of ``classes``, their labels (index into ``classes``) and released parts, in file order."""
     index = {c: i for i, c in enumerate(classes)}
-    kept = [(t, index[c]) for t, c in pairs if c in index]
-    return [t for t, _ in kept], np.array([c for _, c in kept], dtype=np.int64)
+    kept = [(t, index[c], part) for t, c, part in pairs if c in index]
+    return ([t for t, _, _ in kept], np.array([c for _, c, _ in kept], dtype=np.int64),
+            [part for _, _, part in kept])
 
 
 # ----------------------------------------------------------------------------- CLINC150
@@ -335,10 +348,10 @@ class Clinc150(TextDataset):
             raise DataError(f"{paths['domains']} is not CLINC150's domains.json "
                             f"(expected 10 domains of 15 intents)")
         try:
-            pairs = [(str(t), str(c)) for part in ("train", "val", "test") for t, c in data[part]]
+            pairs = [(str(t), str(c), part) for part in ("train", "val", "test") for t, c in data[part]]
         except (TypeError, ValueError):
             raise DataError(f"{paths['data']}: items must be [text, intent] pairs") from None
-        intents = sorted({c for _, c in pairs})
+        intents = sorted({c for _, c, _ in pairs})
         listed = sorted(i for v in domains.values() for i in v)
         if intents != listed:
             raise DataError(f"{paths['data']} and {paths['domains']} disagree on the intents "
@@ -349,14 +362,14 @@ class Clinc150(TextDataset):
         chosen = {"trainval": ("train", "val"), "all": ("train", "val", "test")}.get(split, (split,))
         self.domains = [d for part in chosen for d in CLINC_DOMAIN_SPLITS[part]]
         classes = [intent for d in self.domains for intent in sorted(domains[d])]
-        texts, labels = _grouped(pairs, classes)
+        texts, labels, parts = _grouped(pairs, classes)
         if isinstance(features, TextFeaturiser):
             featuriser = features
         else:
             featuriser = TextFeaturiser.from_dict(features)
         self.split, self.protocol = split, protocol
         self.intent_domain = {i: d for d in self.domains for i in domains[d]}
-        super().__init__(texts, labels, classes, featuriser)
+        super().__init__(texts, labels, classes, featuriser, parts)
 
 
 # ----------------------------------------------------------------------------- BANKING77
@@ -396,7 +409,7 @@ class Banking77(TextDataset):
         if protocol not in BANKING_PROTOCOLS:
             raise DataError(f"unknown BANKING77 protocol {protocol!r}; choose one of "
                             f"{', '.join(BANKING_PROTOCOLS)}")
-        pairs: list[tuple[str, str]] = []
+        pairs: list[tuple[str, str, str]] = []
         for part, remote in BANKING_FILES.items():
             path = find_archive(remote, "banking77", data_dir, download_missing=download)
             try:
@@ -405,20 +418,20 @@ class Banking77(TextDataset):
                     if reader.fieldnames is None or not {"text", "category"} <= set(reader.fieldnames):
                         raise DataError(f"{path} must be a CSV file with columns text,category "
                                         f"(found {reader.fieldnames})")
-                    pairs += [(row["text"], row["category"]) for row in reader]
+                    pairs += [(row["text"], row["category"], part) for row in reader]
             except (OSError, UnicodeDecodeError, csv.Error) as e:
                 raise DataError(f"cannot read {path} ({str(e).splitlines()[0][:100]})") from None
-        intents = sorted({c for _, c in pairs})
+        intents = sorted({c for _, c, _ in pairs})
         if len(intents) != 77:
             raise DataError(f"BANKING77 files hold {len(intents)} intents, expected 77 "
                             f"(incomplete or different files?)")
         by_split = banking_intent_split(intents)
         chosen = {"trainval": ("train", "val"), "all": ("train", "val", "test")}.get(split, (split,))
         classes = [c for part in chosen for c in by_split[part]]
-        texts, labels = _grouped(pairs, classes)
+        texts, labels, parts = _grouped(pairs, classes)
         if isinstance(features, TextFeaturiser):
             featuriser = features
         else:
             featuriser = TextFeaturiser.from_dict(features)
         self.split, self.protocol = split, protocol
-        super().__init__(texts, labels, classes, featuriser)
+        super().__init__(texts, labels, classes, featuriser, parts)

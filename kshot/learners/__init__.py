@@ -16,6 +16,12 @@ LEARNERS: dict[str, type[Learner]] = {cls.algo: cls for cls in (ProtoNet, Siames
                                                                 Reptile, Baseline, BaselinePlusPlus, RFS)}
 
 
+def register_learner(cls: type[Learner]) -> type[Learner]:
+    """Add a learner class under its ``algo`` name (applications register their own learners)."""
+    LEARNERS[cls.algo] = cls
+    return cls
+
+
 def create_learner(algo: str, model: nn.Module, **options) -> Learner:
     """Wrap ``model`` in the learner registered as ``algo`` with its ``options``."""
     if algo not in LEARNERS:
@@ -24,4 +30,4 @@ def create_learner(algo: str, model: nn.Module, **options) -> Learner:
 
 
 __all__ = ["ANIL", "Baseline", "BaselinePlusPlus", "FOMAML", "LEARNERS", "Learner", "MAML", "MetaSGD", "Predictor",
-           "ProtoNet", "RFS", "Reptile", "Siamese", "create_learner"]
+           "ProtoNet", "RFS", "Reptile", "Siamese", "create_learner", "register_learner"]

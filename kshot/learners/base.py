@@ -115,6 +115,9 @@ class Learner(nn.Module, ABC):
     supports_transductive: ClassVar[bool] = False
     #: The protocol its predictions follow now (see the module docstring).
     transductive: bool = False
+    #: Whether the learner takes its outer step itself (:meth:`outer_step`: TRPO's line search,
+    #: several optimiser steps per meta-batch) instead of leaving a gradient for the trainer's.
+    takes_outer_step: ClassVar[bool] = False
 
     @classmethod
     def backbone_overrides(cls, config) -> dict:
@@ -237,3 +240,9 @@ class Learner(nn.Module, ABC):
         loss, metrics = self.meta_loss(tasks)
         (loss * scale).backward()
         return metrics
+
+    def outer_step(self, tasks: Sequence, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Update the meta-parameters on ``tasks`` and return metrics; the trainer calls this
+        instead of ``meta_gradient`` and its optimiser's step when ``takes_outer_step`` is set
+        (it has set the optimiser's learning rate for the step)."""
+        raise NotImplementedError(f"{type(self).__name__} leaves its outer step to the trainer")

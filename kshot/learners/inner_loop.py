@@ -356,6 +356,9 @@ class GradientLearner(Learner):
             batched with ``torch.func.vmap``), ``batched`` (MLPs: batched matrix products over
             tasks) or ``auto`` (see :meth:`GradientLearner.batch_mode`).
         loss: ``cross_entropy`` (classification) or ``mse`` (regression).
+        inner_params: the parameters that adapt in the inner loop, by name or name prefix (a
+            module: ``"decision"`` names every parameter under ``decision.``); a sequence or a
+            comma-separated string. Empty: the learner's own choice (all; ANIL: the head).
         transductive: normalise each query batch by its own batch-norm statistics (Finn et
             al.'s protocol); False: by the support set's, so that a query's prediction depends
             on the support set and itself alone (see the module docstring).
@@ -365,7 +368,7 @@ class GradientLearner(Learner):
     """
 
     config_options: ClassVar[tuple[str, ...]] = ("inner_steps", "inner_lr", "test_inner_steps", "batch_tasks",
-                                                 "transductive", "head_init")
+                                                 "inner_params", "transductive", "head_init")
     supports_transductive = True
     #: Only the parameters of the model's last layer adapt in the inner loop (ANIL).
     head_only: ClassVar[bool] = False
@@ -375,8 +378,8 @@ class GradientLearner(Learner):
     head_inits: ClassVar[tuple[str, ...]] = HEAD_INITS
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
-                 test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy", *,
-                 transductive: bool = False, head_init: str = "learned"):
+                 test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
+                 inner_params: str | Sequence[str] = (), *, transductive: bool = False, head_init: str = "learned"):
         super().__init__(use_batch_statistics(model))
         if int(inner_steps) != inner_steps or inner_steps < 1:
             raise ConfigError(f"inner_steps must be an integer >= 1, not {inner_steps!r}")
@@ -401,9 +404,15 @@ class GradientLearner(Learner):
         head = head_layer(self.model)
         #: Classes of the model's head (None: its last layer is not a linear one).
         self.head_ways = head[1].out_features if head is not None and isinstance(head[1], nn.Linear) else None
-        names = self.head_names if self.head_only else [n for n, _ in self.model.named_parameters()]
+        self.inner_params = parameter_prefixes(inner_params)
+        if self.inner_params:
+            names = select_parameters(self.model, self.inner_params)
+        else:
+            names = self.head_names if self.head_only else [n for n, _ in self.model.named_parameters()]
         self.adapted_names = tuple(names)
-        #: (body, head) forwards: ANIL computes a task's features once; prototype heads need them.
+        #: ANIL (its own choice of parameters): the body's features of a task are computed once.
+        self.features_once = self.head_only and not self.inner_params
+        #: (body, head) forwards: ANIL's features once; prototype heads need the body's features.
         self.split = split_head(self.model)
         self.generic_split = split_head(self.model, fast=False)
         #: The outer step the trainer is at (:meth:`set_training_step`): schedules follow it.
@@ -440,9 +449,12 @@ class GradientLearner(Learner):
         return cls(model, **{"transductive": True, **options})
 
     def options(self) -> dict:
-        return {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
-                "test_inner_steps": self.test_inner_steps, "batch_tasks": self.batch_tasks,
-                "loss": self.loss_name, "transductive": self.transductive, "head_init": self.head_init}
+        options = {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
+                   "test_inner_steps": self.test_inner_steps, "batch_tasks": self.batch_tasks,
+                   "loss": self.loss_name, "transductive": self.transductive, "head_init": self.head_init}
+        if self.inner_params:
+            options["inner_params"] = list(self.inner_params)
+        return options
 
     @property
     def classification(self) -> bool:
@@ -644,7 +656,7 @@ class GradientLearner(Learner):
                 check_classes(support_y, ways)
         transductive = self.transductive
         encode: Callable[[torch.Tensor], torch.Tensor] = _identity
-        if self.head_only and split is not None:  # ANIL: the body's features once, the head adapts on them
+        if self.features_once and split is not None:  # ANIL: the body's features once, the head adapts on them
             body, forward = split
             body_params = params
             if transductive or not body.batch_norms:
@@ -658,7 +670,7 @@ class GradientLearner(Learner):
             support_in = support_x
         if prototype:
             weight, *bias = self.head_names
-            if self.head_only:
+            if self.features_once and split is not None:
                 features = support_in
             else:
                 start = point(params, 0) if point is not None else params
@@ -731,6 +743,28 @@ class GradientLearner(Learner):
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def parameter_prefixes(names: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a, b.c"`` or ``["a", "b.c"]`` -> ``("a", "b.c")`` (empty entries dropped)."""
+    if isinstance(names, str):
+        names = names.split(",")
+    return tuple(n.strip() for n in names if n.strip())
+
+
+def select_parameters(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """Names of the model's parameters that are, or lie under, one of ``prefixes`` (in the
+    model's order); a prefix that names nothing is a ConfigError listing what there is."""
+    names = [n for n, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for prefix in prefixes:
+        matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            modules = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"inner_params {prefix!r} names no parameter of {type(model).__name__}; "
+                              f"its parameters lie under {', '.join(modules)}")
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
 
 
 def _head_names(model: nn.Module) -> list[str]:

@@ -101,10 +101,11 @@ class MAML(GradientLearner):
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
-                 first_order: bool | None = None, *, transductive: bool = False, head_init: str = "learned",
-                 multi_step_loss: int = 0, per_step_lr: bool = False, per_step_bn: bool = False,
-                 per_step_bn_stats: bool = False, second_order_after: int = 0):
-        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss,
+                 first_order: bool | None = None, inner_params: str | Sequence[str] = (), *,
+                 transductive: bool = False, head_init: str = "learned", multi_step_loss: int = 0,
+                 per_step_lr: bool = False, per_step_bn: bool = False, per_step_bn_stats: bool = False,
+                 second_order_after: int = 0):
+        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, inner_params,
                          transductive=transductive, head_init=head_init)
         self.first_order = self.default_first_order if first_order is None else bool(first_order)
         self.first_order_steps = self.first_order
@@ -115,7 +116,7 @@ class MAML(GradientLearner):
         self.per_step_lr, self.per_step_bn = bool(per_step_lr), bool(per_step_bn)
         self.per_step_bn_stats = bool(per_step_bn_stats)
         norms = batch_norm_layers(self.model)
-        if (self.per_step_bn or self.per_step_bn_stats) and self.head_only:
+        if (self.per_step_bn or self.per_step_bn_stats) and self.features_once:
             raise ConfigError(f"{self.algo} computes the body's features once per task, so batch norm cannot "
                               f"change with the inner step; drop per_step_bn and per_step_bn_stats")
         if (self.per_step_bn or self.per_step_bn_stats) and not norms:
@@ -384,10 +385,12 @@ class MetaSGD(MAML):
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
-                 first_order: bool | None = None, metasgd_lr_high: float = 0.0, **options):
+                 first_order: bool | None = None, metasgd_lr_high: float = 0.0,
+                 inner_params: str | Sequence[str] = (), **options):
         if options.get("per_step_lr"):
             raise ConfigError("metasgd learns a rate per parameter entry already; drop per_step_lr")
-        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, first_order, **options)
+        super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, first_order,
+                         inner_params, **options)
         self.metasgd_lr_high = float(metasgd_lr_high)
         params = dict(self.model.named_parameters())
         rates = {}

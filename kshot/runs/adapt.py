@@ -33,6 +33,7 @@ from kshot.data.tables import TableFormat, read_table
 from kshot.errors import CheckpointError, ConfigError, DataError
 from kshot.learners.base import Learner
 from kshot.runs.build import learner_from_checkpoint
+from kshot.text import TextInputFormat, frozen_text_learner, get_encoder
 from kshot.services.files import atomic_write_text
 from kshot.services.checkpoint import Checkpoint, load_checkpoint
 
@@ -57,18 +58,25 @@ class InputReader:
 
     Args:
         image_format: read folders of images in this format, or
-        table_format: read CSV/Parquet tables with these columns and scaling.
+        table_format: read CSV/Parquet tables with these columns and scaling, or
+        text_format: read utterance files (CSV, or one per line) through a text encoder.
     """
 
-    def __init__(self, image_format: ImageFormat | None = None, table_format: TableFormat | None = None):
-        if (image_format is None) == (table_format is None):
-            raise ValueError("give exactly one of image_format and table_format")
-        self.image_format, self.table_format = image_format, table_format
+    def __init__(self, image_format: ImageFormat | None = None, table_format: TableFormat | None = None,
+                 text_format: TextInputFormat | None = None):
+        if sum(f is not None for f in (image_format, table_format, text_format)) != 1:
+            raise ValueError("give exactly one of image_format, table_format and text_format")
+        self.image_format, self.table_format, self.text_format = image_format, table_format, text_format
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint | str | os.PathLike) -> "InputReader":
+    def from_checkpoint(cls, checkpoint: Checkpoint | str | os.PathLike,
+                        text_encoder: str | None = None) -> "InputReader":
+        """The reader of a checkpoint's inputs (``text_encoder``: where its text encoder is now,
+        if not where the checkpoint says; its files must be the same)."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         extra = ckpt.extra or {}
+        if "text_encoder" in extra:
+            return cls(text_format=TextInputFormat.from_record(extra["text_encoder"], text_encoder))
         try:
             if "image_format" in extra:
                 return cls(image_format=ImageFormat.from_dict(extra["image_format"]))
@@ -83,11 +91,15 @@ class InputReader:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        if self.text_format is not None:
+            return self.text_format.shape
         if self.image_format is not None:
             return self.image_format.shape
         return (len(self.table_format.features),)  # type: ignore[union-attr]
 
     def describe(self) -> str:
+        if self.text_format is not None:
+            return self.text_format.describe()
         if self.image_format is not None:
             f = self.image_format
             return (f"{'grey' if f.channels == 1 else 'colour'} {f.size}x{f.size} images"
@@ -109,6 +121,9 @@ class InputReader:
             shots: keep the first ``shots`` examples of each class (a class with fewer is an error).
         """
         path = Path(path).expanduser()
+        if self.text_format is not None:
+            inputs = self._read_text(path, "support")
+            return take_shots(inputs, shots, path) if shots else inputs
         self._check_kind(path, "support")
         if self.image_format is not None:
             images = read_labelled_images(path, self.image_format)
@@ -123,11 +138,17 @@ class InputReader:
     def read_query(self, path: str | os.PathLike) -> Inputs:
         """Examples to classify: loose images or class sub-folders, or a table (label column optional)."""
         path = Path(path).expanduser()
+        if self.text_format is not None:
+            return self._read_text(path, "query")
         self._check_kind(path, "query")
         if self.image_format is not None:
             images = read_query_images(path, self.image_format)
             return Inputs(images.x, images.files, images.labels, images.skipped, "file")
         return self._read_table(path, "query")
+
+    def _read_text(self, path: Path, what: str) -> Inputs:
+        x, utterances = self.text_format.read(path, what)  # type: ignore[union-attr]
+        return Inputs(x, utterances.names, utterances.labels, utterances.skipped, "row")
 
     def _read_table(self, path: Path, what: str) -> Inputs:
         if not path.exists():
@@ -273,17 +294,29 @@ class Predictions:
         return path
 
 
-def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike, query: str | os.PathLike,
+def adapt_and_predict(checkpoint: str | os.PathLike | None, support: str | os.PathLike, query: str | os.PathLike,
                       shots: int | None = None, device: str | torch.device = "cpu",
-                      batch_size: int = 256) -> tuple[AdaptedModel, Inputs, Predictions]:
+                      batch_size: int = 256, text_encoder: str | None = None,
+                      algo: str = "protonet") -> tuple[AdaptedModel, Inputs, Predictions]:
     """Adapt the checkpoint's learner to ``support`` and classify ``query``.
+
+    Without a checkpoint, ``text_encoder`` (a Hugging Face model folder or hub name) classifies
+    utterances with nothing trained: ``algo`` ``protonet`` (cosine prototypes of the frozen
+    sentence embeddings) or ``finetune`` (a logistic-regression head fitted on them).
 
     Returns:
         (the adapted model, the support inputs, the predictions for the query examples)
     """
-    ckpt = load_checkpoint(checkpoint)
-    reader = InputReader.from_checkpoint(ckpt)
-    learner = learner_from_checkpoint(ckpt)
+    if checkpoint is None:
+        if not text_encoder:
+            raise ConfigError("give a checkpoint, or --text-encoder to classify utterances with a "
+                              "pre-trained encoder and no training")
+        reader = InputReader(text_format=TextInputFormat(get_encoder(text_encoder)))
+        learner = frozen_text_learner(algo)
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        reader = InputReader.from_checkpoint(ckpt, text_encoder)
+        learner = learner_from_checkpoint(ckpt)
     support_in = reader.read_support(support, shots)
     query_in = reader.read_query(query)
     model = AdaptedModel(learner, support_in.x, support_in.labels or [], device, batch_size)
@@ -296,3 +329,68 @@ def adapt_and_predict(checkpoint: str | os.PathLike, support: str | os.PathLike,
     probabilities = model.predict_proba(query_in.x).numpy()
     return model, support_in, Predictions(query_in.names, model.class_names, probabilities,
                                           query_in.labels, query_in.kind)
+
+
+@dataclass
+class PolicyAdaptation:
+    """What ``kshot adapt`` did for a policy: the task, the return before and after each step,
+    and where the adapted policy was saved."""
+
+    task: dict
+    returns: list[float]
+    path: Path | None
+
+    @property
+    def steps(self) -> int:
+        return len(self.returns) - 1
+
+
+def adapt_policy(checkpoint: str | os.PathLike, task: dict | str, *, steps: int | None = None,
+                 episodes: int | None = None, seed: int = 0, out: str | os.PathLike | None = None) -> PolicyAdaptation:
+    """Adapt a trained policy to one task of its environment family, and save the adapted policy.
+
+    Args:
+        checkpoint: a policy checkpoint (``kshot.rl``) or its run directory.
+        task: the task parameter, a dict or its JSON (``{"goal": [0.3, -0.2]}`` for nav2d,
+            ``{"velocity": 1.5}``, ``{"direction": -1}``).
+        steps: policy-gradient steps (default: the checkpoint's test steps); each on
+            ``episodes`` fresh episodes (default: the training number).
+        seed: seed of the episodes' random draws.
+        out: where to save the adapted policy (a checkpoint ``kshot eval`` and ``adapt`` read).
+
+    Returns:
+        The :class:`PolicyAdaptation`; its last return is measured on fresh episodes of the
+        adapted policy.
+    """
+    import json
+
+    from kshot.config import config_from_dict
+    from kshot.errors import ConfigError
+    from kshot.rl import POLICY_LEARNERS, env_family
+    from kshot.services.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.learner.get("algo") not in POLICY_LEARNERS:
+        raise ConfigError(f"{checkpoint} holds a {ckpt.learner.get('algo')!r} learner, not a policy; adapt it "
+                          f"with --support and --query")
+    if isinstance(task, str):
+        try:
+            task = json.loads(task)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--task must be JSON, like '{{\"goal\": [0.3, -0.2]}}' ({e.msg})") from None
+    if steps is not None and (int(steps) != steps or steps < 1):
+        raise ConfigError(f"--steps must be an integer >= 1, not {steps!r}")
+    if episodes is not None and (int(episodes) != episodes or episodes < 1):
+        raise ConfigError(f"--episodes must be an integer >= 1, not {episodes!r}")
+    config = config_from_dict(ckpt.config)
+    family = env_family(config.dataset, "test", horizon=config.horizon)
+    env_task = family.user_task(task, seed=seed)  # type: ignore[arg-type]
+    learner = learner_from_checkpoint(ckpt)
+    adapted = learner.adapt(env_task, steps=steps, episodes=episodes)
+    path = None
+    if out is not None:
+        learner.load_state_dict(adapted.state_dict())
+        path = save_checkpoint(out, learner, config=ckpt.config,
+                               extra={**ckpt.extra, "adapted_to": env_task.params, "adapted_steps": len(adapted.returns) - 1,
+                                      "returns": adapted.returns, "adapted_from": str(checkpoint)})
+    return PolicyAdaptation(env_task.params, adapted.returns, path)

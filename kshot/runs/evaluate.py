@@ -20,13 +20,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kshot.config import MIN_TEST_TASKS, config_from_dict
+from kshot.config import MIN_TEST_TASKS, TrainConfig, config_from_dict
 from kshot.errors import ConfigError
 from kshot.learners.base import Learner, protocol_name
-from kshot.runs.build import evaluation_tasks, learner_from_checkpoint, resolve_device
+from kshot.recsys import RatingReport, evaluate_rating_learner, is_rating_dataset
+from kshot.rl import POLICY_LEARNERS, PolicyEvaluation
+from kshot.rl.plots import plot_returns
+from kshot.runs.build import build_learner, evaluation_tasks, learner_from_checkpoint, load_split, resolve_device
 from kshot.services.checkpoint import load_checkpoint
 from kshot.services.distributed import Distributed
 from kshot.tasks import Task, TaskSlice
+from kshot.text import IntentResult, evaluate_released, same_encoder
 
 
 @dataclass
@@ -101,6 +105,10 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
     adaptation went (gradient-based learners: support and query loss at each inner step) add
     those figures to the result's ``metrics``.
 
+    A learner with its own ``evaluate_tasks`` (the policies of :mod:`kshot.rl`, whose tasks are
+    environments) evaluates itself: its result reports the return after each adaptation step,
+    and its ``summary()`` the same keys the trainer reads (``acc`` NaN, ``loss`` minus the return).
+
     In a distributed run (``dist``), each rank evaluates its share of the (sized) task sequence
     and every rank gets the whole result, per-task figures in task order, as one process
     would; the inner-loop ``trace`` is then left out.
@@ -108,6 +116,9 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
     ``transductive`` chooses the protocol (None: the learner's own; True needs a learner with
     batch norm on the batch, and is refused with one line for the others).
     """
+    own = getattr(learner, "evaluate_tasks", None)
+    if own is not None:  # policies: returns after each adaptation step, from their own rollouts
+        return own(tasks, device=device, progress=progress, desc=desc, trace=trace)
     if dist is not None and dist.enabled:
         return _evaluate_shared(learner, tasks, dist, device=device, progress=progress, desc=desc,
                                 transductive=transductive)
@@ -152,11 +163,15 @@ def _evaluate_shared(learner: Learner, tasks: Sequence[Task], dist: Distributed,
 
 @dataclass
 class CheckpointEvaluation:
-    """What ``evaluate_checkpoint`` measured, and on which tasks (``description`` says it in words)."""
+    """What ``evaluate_checkpoint`` measured, and on which tasks (``description`` says it in words).
 
-    result: EvalResult
+    ``report`` holds the recommendation metrics of a rating model (MAE, RMSE, nDCG@k per user)."""
+
+    result: EvalResult | PolicyEvaluation
     description: str
     record: dict
+    report: RatingReport | None = None
+    plots: list[str] = field(default_factory=list)  # PNGs written (policies: returns, trajectories)
 
     def __str__(self) -> str:
         return f"{self.description}\n{self.result}"
@@ -168,7 +183,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
                         dataset: str | None = None, protocol: str | None = None,
                         image_size: int | None = None, data_dir: str | None = None,
                         cache_dir: str | None = None, device: str = "cpu",
-                        progress: bool = False, transductive: bool | None = None) -> CheckpointEvaluation:
+                        progress: bool = False, steps: int = 3, plot: str | os.PathLike | None = None,
+                        transductive: bool | None = None) -> CheckpointEvaluation:
     """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
 
     Unset options take the run's own settings (its test ways and shots, its dataset and split
@@ -176,11 +192,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     transductively); ``dataset`` evaluates across domains. Any number of ways works: learners
     with a trained head start tasks of other ways from a head of prototypes.
     Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
+
+    A policy (``kshot.rl``) is tested on fixed tasks of its environment family: the average
+    return after 0, 1, ..., ``steps`` adaptation steps, plotted to ``plot`` (a PNG; default
+    ``returns-<split>.png`` beside the checkpoint), with 2D-navigation trajectories beside it.
     """
     if tasks < MIN_TEST_TASKS:
         raise ConfigError(f"--tasks {tasks}: report accuracy over at least {MIN_TEST_TASKS} tasks")
     ckpt = load_checkpoint(checkpoint)
     config = config_from_dict(ckpt.config)
+    if ckpt.learner.get("algo") in POLICY_LEARNERS:
+        return _evaluate_policy(checkpoint, ckpt, config, tasks, split, seed, steps, device, progress, plot)
     if dataset is not None and dataset != config.dataset and protocol is None:
         config.protocol = ""  # the trained dataset's protocol means nothing to another dataset
     overrides = {"dataset": dataset, "protocol": protocol, "data_dir": data_dir, "cache_dir": cache_dir,
@@ -193,6 +215,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     device = resolve_device(device)
     learner = learner_from_checkpoint(ckpt).to(device)
     within = config.test_within_groups if within_groups is None else within_groups
+    if is_rating_dataset(config.dataset):  # users as tasks: every user of the split, metrics per user
+        return _evaluate_ratings(learner, config, ckpt, checkpoint, split, shots, seed, device, progress)
     task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
     result = evaluate(learner, task_set, device=device, progress=progress, transductive=transductive)
@@ -205,3 +229,61 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
               "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
               "inference": result.protocol, **result.summary()}
     return CheckpointEvaluation(result, described, record)
+
+
+def _evaluate_ratings(learner: Learner, config, ckpt, checkpoint, split: str, shots: int, seed: int | None,
+                      device: torch.device, progress: bool) -> CheckpointEvaluation:
+    """A rating model adapted to each user of ``split`` from ``shots`` support ratings, scored on
+    the user's other ratings (kshot.recsys.metrics): the figures are means ± 95% CI over users."""
+    users, described = evaluation_tasks(config, split, 0, shots=shots, seed=seed, extra=ckpt.extra)
+    report = evaluate_rating_learner(learner, users, device=device, progress=progress)  # type: ignore[arg-type]
+    scores = next(iter(report.scores.values()))
+    mse = scores.values["rmse"] ** 2
+    result = EvalResult(np.full(len(mse), np.nan), mse, dict(scores.values))
+    record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split, "shots": shots,
+              "dataset": config.dataset, **report.summary()}
+    return CheckpointEvaluation(result, f"{ckpt.learner['algo']} on {config.dataset} {split}: {described}",
+                                record, report)
+
+
+def _evaluate_policy(checkpoint, ckpt, config, n_tasks: int, split: str, seed: int | None, steps: int,
+                     device: str, progress: bool, plot) -> CheckpointEvaluation:
+    """``evaluate_checkpoint`` for a policy: returns after each adaptation step, and plots."""
+    from pathlib import Path
+
+    if int(steps) != steps or steps < 0:
+        raise ConfigError(f"--steps must be an integer >= 0, not {steps!r}")
+    resolve_device(device)  # policies step on the CPU with their environments
+    learner = learner_from_checkpoint(ckpt)
+    task_set, shape = evaluation_tasks(config, split, n_tasks, seed=seed)
+    result = learner.evaluate_tasks(task_set, progress=progress, steps=steps)
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    plot = Path(plot) if plot else folder / f"returns-{split}.png"
+    written = [str(plot_returns({ckpt.learner["algo"]: result}, plot,
+                                title=f"{config.dataset} {split}: {n_tasks} tasks"))]
+    family = task_set.sampler
+    if hasattr(family, "plot_adaptation"):
+        written.append(str(family.plot_adaptation(learner, plot.with_name(plot.stem + "-trajectories.png"))))
+    described = f"{ckpt.learner['algo']} on {config.dataset} {split}: {shape}, {steps} adaptation steps"
+    record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split, "dataset": config.dataset,
+              "steps": steps, "episodes_per_task": learner.episodes_per_task, **result.summary()}
+    return CheckpointEvaluation(result, described, record, plots=written)
+
+
+def evaluate_intents(config: TrainConfig, seeds: Sequence[int], checkpoint: str | os.PathLike | None = None,
+                     device: str = "cpu", progress: bool = False) -> IntentResult:
+    """The standard intent-detection setting (what ``kshot intent`` does): every intent of the
+    config's dataset at once, ``config.shots`` released training utterances of each (drawn per
+    seed), the released test set; the config's learner, or the one saved in ``checkpoint``."""
+    if not config.text_encoder:
+        raise ConfigError("the intent-detection setting reads text through a pre-trained encoder; "
+                          "set --text-encoder (a model folder or hub name)")
+    data = load_split(config, "all")
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        if "text_encoder" in ckpt.extra:
+            same_encoder(ckpt.extra["text_encoder"], data.checkpoint_extra().get("text_encoder"))
+        learner = learner_from_checkpoint(ckpt)
+    else:
+        learner = build_learner(config, data.example_shape)
+    return evaluate_released(learner, data, config.shots, seeds, device=resolve_device(device), progress=progress)

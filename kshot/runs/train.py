@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS
 from kshot.errors import CheckpointError, ConfigError
-from kshot.learners import LEARNERS, Learner
+from kshot.learners import Learner
 from kshot.learners.base import protocol_name
-from kshot.runs.build import (build_learner, checkpoint_extra, evaluation_tasks, load_split, resolve_device,
-                              training_tasks)
+from kshot.runs.build import (build_learner, check_algorithm, checkpoint_extra, evaluation_tasks, load_split,
+                              resolve_device, training_tasks)
 from kshot.runs.evaluate import EvalResult, evaluate
 from kshot.services import distributed
 from kshot.services.checkpoint import load_checkpoint, save_checkpoint
@@ -107,8 +107,7 @@ class Trainer:
         if self.config.meta_batch_size % self.dist.world_size:
             raise ConfigError(f"meta_batch_size {config.meta_batch_size} does not divide across "
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
-        if config.algo not in LEARNERS:
-            raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(sorted(LEARNERS))}")
+        check_algorithm(config)
         if config.dataset in SPLIT_FILE_DATASETS and not config.split_file:
             # The drawn class split is kept beside the run, so that eval and resume reuse it.
             self.config.split_file = str((self.run_dir / "classes.json").resolve())
@@ -117,7 +116,13 @@ class Trainer:
         if learner is None:
             learner = build_learner(config, self.sampler.example_shape, source=self.sampler)
         self.learner = learner.to(self.device)
-        self.optimizer = make_optimizer(config, [p for p in self.learner.parameters() if p.requires_grad])
+        if self.learner.takes_outer_step and self.dist.world_size > 1:
+            raise ConfigError(f"{config.algo} takes its outer step itself and does not train distributed yet; "
+                              f"run it in one process")
+        trainable = [p for p in self.learner.parameters() if p.requires_grad]
+        #: None for learners with nothing to meta-train (Prototypical Networks on a frozen encoder,
+        #: a head fitted on each support set): the run saves them as they are and tests them.
+        self.optimizer = make_optimizer(config, trainable) if trainable else None
         self.step = 0
         #: Seconds spent in outer steps (and waiting for their tasks) over the whole run, across
         #: resumptions; validation and checkpoints excluded. Logged with every record.
@@ -180,7 +185,7 @@ class Trainer:
             return
         try:
             self.learner.load_state_dict(ckpt.state_dict)
-            if ckpt.optimizer is not None:
+            if ckpt.optimizer is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(ckpt.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.last_path} does not fit this run's learner ({e}); "
@@ -260,13 +265,16 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         self.dist.broadcast_state(self.learner)  # every rank starts from rank 0's weights
+        if self.optimizer is None:  # nothing to meta-train
+            self.step = c.steps
         start = self.step
         stop = c.steps if stop_after is None else min(c.steps, start + stop_after)
         params = [p for p in self.learner.parameters() if p.requires_grad]
         window: dict[str, float] = {}
         n_window, busy, waited = 0, 0.0, 0.0
         t_begin = time.perf_counter()
-        shape = "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot"
+        shape = getattr(self.sampler, "description", None) or (
+            "variable-way" if c.episodes == "variable" else f"{c.ways}-way {c.shots}-shot")
         bar = tqdm(total=c.steps, initial=start, desc=f"{c.algo} {shape}",
                    disable=not self.progress, dynamic_ncols=True)
         self.learner.train()
@@ -280,16 +288,20 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate(c, step)
                 batch = [t.to(self.device, non_blocking=True) for t in batch]
-                self.optimizer.zero_grad(set_to_none=True)
-                statistics = self.dist.snapshot_statistics(self.learner)
-                self.learner.set_training_step(step)  # schedules over training (MAML++)
-                metrics = self.learner.meta_gradient(batch)
-                # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
-                # merged: every rank then holds the state one process would have.
-                metrics = self.dist.average_gradients(params, metrics, statistics)
-                if c.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-                self.optimizer.step()
+                if self.learner.takes_outer_step:  # e.g. TRPO: its own line search
+                    self.learner.set_training_step(step)
+                    metrics = self.learner.outer_step(batch, self.optimizer)
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    statistics = self.dist.snapshot_statistics(self.learner)
+                    self.learner.set_training_step(step)  # schedules over training (MAML++)
+                    metrics = self.learner.meta_gradient(batch)
+                    # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
+                    # merged: every rank then holds the state one process would have.
+                    metrics = self.dist.average_gradients(params, metrics, statistics)
+                    if c.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                    self.optimizer.step()
                 self.step += 1
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + v
@@ -304,7 +316,10 @@ class Trainer:
                               "data_wait": waited / max(busy + waited, 1e-9),
                               "train_seconds": self.train_seconds}
                     self._log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
+                    if "return_pre" in record:  # policies: the return before and after adaptation
+                        bar.set_postfix({k: f"{record[k]:.2f}" for k in ("return_pre", "return_post") if k in record})
+                    else:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
                     window, n_window, busy, waited = {}, 0, 0.0, 0.0
                 if c.val_every and (self.step % c.val_every == 0 or self.step == c.steps):
                     self._validate_and_keep_best()
@@ -334,13 +349,15 @@ class Trainer:
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
                 self._save(self.best_path, with_optimizer=False)
-            protocol = protocol_name(result["transductive"])
-            if self.progress and math.isnan(result["acc"]):
-                tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}, "
-                           f"{protocol}")
+            protocol = f", {protocol_name(result['transductive'])}" if "transductive" in result else ""
+            if self.progress and "return" in result:
+                tqdm.write(f"step {self.step}: val return {result['return']:.3f} ± {result['return_ci95']:.3f} "
+                           f"after {result['return_step']} adaptation steps")
+            elif self.progress and math.isnan(result["acc"]):
+                tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}{protocol}")
             elif self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
-                           f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}, {protocol}")
+                           f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}{protocol}")
 
     def _val_dataset(self):
         sampler = getattr(self._val_tasks, "sampler", None)

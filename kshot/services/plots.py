@@ -52,6 +52,8 @@ def plot_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     val = [r for r in records if r.get("split") == "val"]
     if not train and not val:
         return None
+    if any("return_pre" in r for r in train):
+        return _plot_returns_curves(train, val, out)
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     if train:
@@ -78,6 +80,30 @@ def plot_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
         ax_acc.set(xlabel="outer step", ylabel="meta-val query loss", title="within task", yscale="log")
         if inner:
             ax_acc.legend()
+    return _save(fig, out)
+
+
+def _plot_returns_curves(train: list[dict], val: list[dict], out: str | Path) -> Path:
+    """Policies: the meta-batch's return before and after adaptation, and the meta-validation
+    return after each number of adaptation steps (the within-task view), against outer steps."""
+    plt = _pyplot()
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("return_pre", "before adaptation"), ("return_post", "after adaptation")):
+        rows = [r for r in train if _finite(r.get(key))]
+        if rows:
+            ax_train.plot([r["step"] for r in rows], [r[key] for r in rows], label=label)
+    ax_train.set(xlabel="meta-iteration", ylabel="average return", title="training meta-batches")
+    ax_train.legend()
+    inner = sorted({int(k[len("return_step"):]) for r in val for k in r
+                    if k.startswith("return_step") and k[len("return_step"):].isdigit()})
+    for k in inner:
+        steps = [r["step"] for r in val]
+        ax_val.errorbar(steps, [r.get(f"return_step{k}") for r in val],
+                        yerr=[r.get(f"return_step{k}_ci95", 0.0) for r in val], fmt="o-", capsize=2,
+                        label="meta-policy" if k == 0 else f"after {k} step{'s' * (k > 1)}")
+    ax_val.set(xlabel="meta-iteration", ylabel="average return", title="meta-validation tasks")
+    if inner:
+        ax_val.legend(fontsize=8)
     return _save(fig, out)
 
 
