@@ -143,7 +143,9 @@ def kshot_step(torch, impl: str, first_order: bool, steps: int, meta_batch: int)
     if impl == "func_loop":
         return func_loop_meta_gradient(torch, model, first_order, steps), list(model.parameters()), batches
     cls = FOMAML if first_order else MAML
-    learner = cls(model, inner_steps=steps, inner_lr=INNER_LR, batch_tasks="vmap" if impl == "kshot_vmap" else "loop")
+    # transductive: batch norm over each query batch, as the anchors and the harness compute it
+    learner = cls(model, inner_steps=steps, inner_lr=INNER_LR, batch_tasks="vmap" if impl == "kshot_vmap" else "loop",
+                  transductive=True)
     return learner.meta_gradient, list(learner.parameters()), batches
 
 

@@ -10,7 +10,8 @@ The public API, in the order data flows through it::
     result = kshot.evaluate(learner, kshot.fixed_tasks(test_set, 5, 1, 15))   # mean ± 95% CI
     kshot.evaluate_checkpoint("runs/x", ways=5, shots=1)                      # what `kshot eval` does
 
-Learners: ProtoNet, Siamese, and on one functional inner loop MAML, FOMAML, MetaSGD, ANIL, Reptile.
+Learners: ProtoNet, Siamese, on one functional inner loop MAML (with MAML++'s options), FOMAML,
+MetaSGD, ANIL, Reptile, and the pre-training baselines Baseline, BaselinePlusPlus, RFS.
 """
 
 __version__ = "0.1.0"
@@ -18,19 +19,20 @@ __version__ = "0.1.0"
 from kshot.config import PRESETS, TrainConfig, resolve_config
 from kshot.data import ArrayDataset, FewShotDataset, LabelledDataset, Omniglot, load_dataset
 from kshot.errors import CheckpointError, ConfigError, DataError, KshotError
-from kshot.learners import (ANIL, FOMAML, MAML, Learner, MetaSGD, Predictor, ProtoNet, Reptile, Siamese,
-                            create_learner)
+from kshot.learners import (ANIL, FOMAML, MAML, RFS, Baseline, BaselinePlusPlus, Learner, MetaSGD, Predictor,
+                            ProtoNet, Reptile, Siamese, create_learner)
 from kshot.models import create_model, register_model
-from kshot.tasks import PairBatch, PairSampler, Task, TaskSampler, fixed_tasks
+from kshot.tasks import LabelledBatchSampler, PairBatch, PairSampler, Task, TaskSampler, fixed_tasks
 from kshot.runs.build import load_learner
 from kshot.runs.evaluate import EvalResult, evaluate, evaluate_checkpoint
 from kshot.runs.train import Trainer, train
 from kshot.services.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
-    "ANIL", "ArrayDataset", "CheckpointError", "ConfigError", "DataError", "EvalResult", "FOMAML",
-    "FewShotDataset", "KshotError", "LabelledDataset", "Learner", "MAML", "MetaSGD", "Omniglot",
-    "PRESETS", "PairBatch", "PairSampler", "Predictor", "ProtoNet", "Reptile", "Siamese", "Task",
+    "ANIL", "ArrayDataset", "Baseline", "BaselinePlusPlus", "CheckpointError", "ConfigError", "DataError",
+    "EvalResult", "FOMAML", "FewShotDataset", "KshotError", "LabelledBatchSampler", "LabelledDataset", "Learner",
+    "MAML", "MetaSGD", "Omniglot", "PRESETS", "PairBatch", "PairSampler", "Predictor", "ProtoNet", "RFS",
+    "Reptile", "Siamese", "Task",
     "TaskSampler", "TrainConfig", "Trainer", "create_learner", "create_model", "evaluate",
     "evaluate_checkpoint", "fixed_tasks", "load_checkpoint", "load_dataset", "load_learner",
     "register_model", "resolve_config", "save_checkpoint", "train",

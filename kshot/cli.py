@@ -115,12 +115,19 @@ def run_train(args: argparse.Namespace) -> int:
     if result.best_val:
         bv = result.best_val
         shape = "" if "return" in bv else f" ({config.eval_ways}-way {config.eval_shots}-shot)"
-        print(f"best meta-validation: {_score(bv)} at step {bv['step']}{shape}")
+        print(f"best meta-validation: {_score(bv)} at step {bv['step']}{shape}{_protocol(bv)}")
     if result.test:
         t = result.test
         shape = "" if "return" in t else f", {t['ways']}-way {t['shots']}-shot"
-        print(f"meta-test ({t['tasks']} tasks{shape}): {_score(t)}")
+        print(f"meta-test ({t['tasks']} tasks{shape}): {_score(t)}{_protocol(t)}")
     return 0
+
+
+def _protocol(result: dict) -> str:
+    """``, transductive`` or ``, non-transductive``: how the queries of a result were normalised."""
+    if "transductive" not in result:
+        return ""
+    return ", transductive" if result["transductive"] else ", non-transductive"
 
 
 def _score(result: dict) -> str:
@@ -163,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> int:
         split=args.split, seed=args.seed, within_groups=args.within_groups, episodes=args.episodes,
         dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
         data_dir=args.data_dir, cache_dir=args.cache_dir, data_path=args.data_path, device=args.device,
-        progress=not args.quiet, steps=args.steps, plot=args.plot)
+        progress=not args.quiet, steps=args.steps, plot=args.plot, transductive=args.transductive)
     result = evaluation.result
     print(evaluation.description)
     if hasattr(result, "table"):  # a policy: the return after each adaptation step
@@ -175,9 +182,11 @@ def run_eval(args: argparse.Namespace) -> int:
         print("\n".join(evaluation.report.lines()))
         print("(means ± 95% CI over users; nDCG of each user's query items ranked by predicted rating)")
     elif result.is_regression:
-        print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks)")
+        print(f"MSE {result.loss:.4f} ± {result.loss_ci95:.4f} (95% CI over {result.n_tasks} tasks), "
+              f"{result.protocol}")
     else:
-        print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks)")
+        print(f"accuracy {100 * result.mean:.2f} ± {100 * result.ci95:.2f} % (95% CI over {result.n_tasks} tasks), "
+              f"{result.protocol}")
     if args.out:
         evaluation.write_json(args.out)
     return 0
@@ -205,6 +214,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: as the run was validated)")
     p.add_argument("--episodes", default="fixed", choices=("fixed", "variable"),
                    help="fixed: --ways x --shots tasks; variable: Meta-Dataset episodes")
+    p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=None,
+                   help="maml family, reptile: normalise each task's query set by its own batch-norm "
+                        "statistics (Finn et al.'s protocol) or, --no-transductive, by the support set's "
+                        "(default: as the run was trained)")
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on "
                    "(cross-domain evaluation; a+b for tasks from each of several)")
     p.add_argument("--protocol", help="dataset split protocol")
@@ -472,14 +485,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         _default(message, category, filename, lineno, file, line)
 
 
+def _preset_named(words: list[str]) -> str | None:
+    """The --preset of this command line (only to show its values in --help); None if none."""
+    for i, word in enumerate(words):
+        if word == "--preset" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--preset="):
+            return word.split("=", 1)[1]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global _HELP_PRESET
-    words = list(sys.argv[1:] if argv is None else argv)
-    for i, word in enumerate(words):  # only to show a preset's values in --help
-        if word == "--preset" and i + 1 < len(words):
-            _HELP_PRESET = words[i + 1]
-        elif word.startswith("--preset="):
-            _HELP_PRESET = word.split("=", 1)[1]
+    _HELP_PRESET = _preset_named(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings():

@@ -78,6 +78,16 @@ class TrainConfig:
     body_lr: float = 0.0  # finetune: learning rate of the encoder's top layers on the support set (0: the head only)
     head_l2: float = 0.0  # finetune: L2 penalty on the head's weights
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
+    transductive: bool = False  # maml family, reptile: normalise each query batch by its own batch-norm statistics, in training and at validation/test (Finn et al.'s protocol); otherwise by the support set's, so that a query's prediction depends on nothing else
+    head_init: str = "learned"  # maml family, reptile: learned | prototypes (every task's head starts from its support set's class prototypes: Proto-MAML); tasks of other ways than the head always start from prototypes
+    multi_step_loss: int = 0  # maml family (MAML++ MSL): for the first this many outer steps, the query losses after every inner step, weights annealed to the last step (0: off)
+    per_step_lr: bool = False  # maml family (MAML++ LSLR): a learned inner learning rate per layer and inner step
+    per_step_bn: bool = False  # maml family (MAML++ BNWB): batch-norm weights and biases per inner step
+    per_step_bn_stats: bool = False  # maml family (MAML++ BNRS): running batch-norm statistics per inner step, which non-transductive predictions normalise by
+    second_order_after: int = 0  # maml family (MAML++ DA): first-order meta-gradients for the first this many outer steps, then second order
+    batch_size: int = 16  # baseline, baseline++, rfs: labelled examples per pre-training batch
+    head_epochs: int = 100  # baseline, baseline++: epochs of SGD over a task's support set fitting its new head (Chen et al.: 100)
+    head_lr: float = 0.01  # baseline, baseline++: learning rate of that SGD (Chen et al.: 0.01)
     inner_params: str = ""  # maml family, reptile: the parameters that adapt, by name or prefix, comma-separated ("": all; anil: the head)
     # -- reinforcement learning (kshot.rl; --dataset nav2d | halfcheetah-vel | halfcheetah-dir | ant-dir)
     episodes_per_task: int = 20  # rl: episodes per task for each inner step and for the outer objective (K)

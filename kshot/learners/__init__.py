@@ -6,13 +6,14 @@ from torch import nn
 
 from kshot.errors import ConfigError
 from kshot.learners.base import Learner, Predictor
+from kshot.learners.baselines import RFS, Baseline, BaselinePlusPlus
 from kshot.learners.maml import ANIL, FOMAML, MAML, MetaSGD
 from kshot.learners.protonet import ProtoNet
 from kshot.learners.reptile import Reptile
 from kshot.learners.siamese import Siamese
 
 LEARNERS: dict[str, type[Learner]] = {cls.algo: cls for cls in (ProtoNet, Siamese, MAML, FOMAML, MetaSGD, ANIL,
-                                                                Reptile)}
+                                                                Reptile, Baseline, BaselinePlusPlus, RFS)}
 
 
 def register_learner(cls: type[Learner]) -> type[Learner]:
@@ -28,5 +29,5 @@ def create_learner(algo: str, model: nn.Module, **options) -> Learner:
     return LEARNERS[algo](model, **options)
 
 
-__all__ = ["ANIL", "FOMAML", "LEARNERS", "Learner", "MAML", "MetaSGD", "Predictor", "ProtoNet", "Reptile",
-           "Siamese", "create_learner", "register_learner"]
+__all__ = ["ANIL", "Baseline", "BaselinePlusPlus", "FOMAML", "LEARNERS", "Learner", "MAML", "MetaSGD", "Predictor",
+           "ProtoNet", "RFS", "Reptile", "Siamese", "create_learner", "register_learner"]

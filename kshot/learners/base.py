@@ -11,10 +11,17 @@ A learner does two things:
 The default ``meta_gradient`` is the textbook loop, written with the public API: for each task,
 ``adapt`` on the support set, loss on the query set; average; backward. Learners override it
 only to compute the same numbers faster, and tests hold them to that.
+
+A prediction is *non-transductive* when each query's scores depend on the support set and on
+that query alone, whatever else is in its batch; *transductive* when batch norm normalises a
+query batch by its own statistics (MAML's treatment in Finn et al. 2017). Every learner predicts
+non-transductively unless it is built for, and asked for, the transductive protocol
+(:meth:`Learner.inference`); results name the protocol they used.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, ClassVar, Protocol, Sequence
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kshot.errors import ConfigError
 from kshot.models import create_model, input_kwargs, model_spec
 from kshot.tasks import Task, TaskSampler
 
@@ -69,6 +77,33 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
+def check_classes(support_y: torch.Tensor, ways: int) -> None:
+    """Refuse, in one line, a support set in which some of the ``ways`` classes have no example."""
+    counts = torch.bincount(support_y.flatten(), minlength=ways)[:ways] if support_y.dim() == 1 else \
+        torch.stack([torch.bincount(y, minlength=ways)[:ways] for y in support_y])
+    if bool((counts == 0).any()):
+        missing = sorted(set(torch.nonzero(counts == 0)[:, -1].tolist()))
+        raise ConfigError(f"classes {missing} have no support examples; every class needs at least one")
+
+
+def class_means(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
+    """Mean of each class's rows: ``[ways, d]`` from ``support_z [n, d]`` and labels ``[n]``, every
+    class present (no data-dependent check: composable with ``torch.func.vmap``)."""
+    one_hot = (support_y[:, None] == torch.arange(ways, device=support_y.device)).to(support_z.dtype)  # [n, ways]
+    return (one_hot.T @ support_z) / one_hot.sum(0)[:, None]
+
+
+def prototypes(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
+    """Mean embedding of each class: ``[ways, d]`` from ``support_z [n, d]`` and labels ``[n]``."""
+    check_classes(support_y, ways)
+    return class_means(support_z, support_y, ways)
+
+
+def protocol_name(transductive: bool) -> str:
+    """How a result's queries were normalised, in words for result lines."""
+    return "transductive" if transductive else "non-transductive"
+
+
 class Learner(nn.Module, ABC):
     """Base class of every meta-learner. Subclasses set ``algo`` and implement :meth:`adapt`."""
 
@@ -76,6 +111,10 @@ class Learner(nn.Module, ABC):
     algo: ClassVar[str]
     #: TrainConfig fields this learner takes as constructor options.
     config_options: ClassVar[tuple[str, ...]] = ()
+    #: Whether the learner can predict transductively (batch norm over each query batch).
+    supports_transductive: ClassVar[bool] = False
+    #: The protocol its predictions follow now (see the module docstring).
+    transductive: bool = False
     #: Whether the learner takes its outer step itself (:meth:`outer_step`: TRPO's line search,
     #: several optimiser steps per meta-batch) instead of leaving a gradient for the trainer's.
     takes_outer_step: ClassVar[bool] = False
@@ -98,9 +137,51 @@ class Learner(nn.Module, ABC):
         model = cls.build_model(config, example_shape)
         return cls(model, **{name: getattr(config, name) for name in cls.config_options})
 
+    @classmethod
+    def for_training(cls, config, source) -> "Learner":
+        """The learner to train on ``source`` (what :meth:`make_sampler` made): by default as
+        :meth:`from_config` builds it for the source's example shape; learners that need more
+        of their training data (the number of classes of a pre-training head) read it here."""
+        return cls.from_config(config, source.example_shape)
+
+    @classmethod
+    def from_saved_options(cls, model: nn.Module, options: dict) -> "Learner":
+        """Wrap ``model`` with options read from a checkpoint (which may predate some options)."""
+        return cls(model, **options)
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @property
+    def protocol(self) -> str:
+        """``transductive`` or ``non-transductive``: how predictions treat the other queries."""
+        return protocol_name(self.transductive)
+
+    @contextlib.contextmanager
+    def inference(self, transductive: bool | None = None):
+        """A context in which predictions follow the given protocol (None: the learner's own).
+
+        Raises:
+            ConfigError: for ``transductive=True`` on a learner whose predictions never depend
+                on the other queries.
+        """
+        if transductive is None or bool(transductive) == self.transductive:
+            yield
+            return
+        if transductive and not self.supports_transductive:
+            raise ConfigError(f"{self.algo}'s predictions never depend on the other queries, so there is no "
+                              f"transductive protocol for it; drop --transductive")
+        before = self.transductive
+        self.transductive = bool(transductive)
+        try:
+            yield
+        finally:
+            self.transductive = before
+
+    def set_training_step(self, step: int) -> None:
+        """Called by the trainer before each outer step, for settings that follow a schedule
+        over training (MAML++'s loss weights and derivative order). Nothing by default."""
 
     @abstractmethod
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,

@@ -19,14 +19,20 @@ the parameter dict directly and computes exactly the same function with less wor
 * batch norm whose second derivative (MAML's second-order term) is written out in closed form,
   about 3x cheaper than PyTorch's generic one (:class:`BatchNormBatchStats`).
 
+Every forward also offers the two batch-norm protocols of prediction: ``forward(params, x)``
+normalises by the batch ``x`` itself (transductive), ``statistics(params, x)`` returns the
+batch-norm statistics of a batch (the support set) and ``with_statistics(params, stats, x)``
+normalises by given statistics, so that each example's output depends on itself alone.
+
 Tests hold :class:`SequentialForward` to ``functional_call`` on outputs, gradients and
 second-order gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +44,10 @@ from kshot.models import im2col_conv2d, runs_as_matmul
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
+#: Batch-norm statistics by layer name: ``(mean [C], biased variance [C])``.
+Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+#: ``observer(layer name, input)`` sees the input of every batch-norm layer (running statistics).
+Observer = Callable[[str, torch.Tensor], None]
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -61,6 +71,33 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a batch ``[n, C, ...]``: what batch norm divides by."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    return mean, var
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+              bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Batch norm of ``x [n, C, ...]`` by given statistics, differentiable in all of them: the
+    statistics and the affine parameters folded into one scale and shift per channel, so that the
+    large tensor sees a single fused multiply-add."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+def batch_norm_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The batch-norm layers of ``module`` that normalise by the batch, by name."""
+    return {name: m for name, m in module.named_modules() if uses_batch_statistics(m)}
+
+
 class FunctionalForward:
     """``forward(params, x)`` for any module through ``torch.func.functional_call``.
 
@@ -73,10 +110,57 @@ class FunctionalForward:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self._norms = batch_norm_layers(module)
+        self._names = frozenset(name for name, _ in module.named_parameters())
+
+    @property
+    def batch_norms(self) -> tuple[str, ...]:
+        """Names of the batch-norm layers normalising by the batch (empty: nothing depends on
+        the other examples of a batch)."""
+        return tuple(self._norms)
 
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         buffers = {name: b for name, b in self.module.named_buffers()}
-        return functional_call(self.module, (params, buffers), (x,), strict=False)
+        own = {name: p for name, p in params.items() if name in self._names}  # a part of a model: its own
+        return functional_call(self.module, (own, buffers), (x,), strict=False)
+
+    def _hooked(self, hook: Callable[[str, nn.Module, torch.Tensor], torch.Tensor | None]):
+        """A context in which every batch-norm layer's output is ``hook(name, layer, input)``
+        (None: unchanged)."""
+        stack = contextlib.ExitStack()
+        for name, layer in self._norms.items():
+            def on_forward(module, inputs, output, _name=name):
+                return hook(_name, module, inputs[0])
+            stack.enter_context(layer.register_forward_hook(on_forward))
+        return stack
+
+    def statistics(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, Statistics]:
+        """The output for the batch ``x`` and the batch-norm statistics it was normalised by
+        (differentiable in ``params``)."""
+        stats: Statistics = {}
+
+        def record(name, layer, inp):
+            stats[name] = batch_moments(inp)
+            return normalise(inp, *stats[name], layer.weight, layer.bias, layer.eps)
+        with self._hooked(record):
+            out = self(params, x)
+        return out, stats
+
+    def with_statistics(self, params: Params, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
+        """The output for ``x``, each batch-norm layer normalising by ``stats`` instead of by
+        ``x``: every example's output then depends on itself alone."""
+        with self._hooked(lambda name, layer, inp: normalise(inp, *stats[name], layer.weight, layer.bias,
+                                                            layer.eps)):
+            return self(params, x)
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        """A context in which ``observer(name, input)`` sees every batch-norm layer's input."""
+        def look(name, layer, inp):
+            observer(name, inp)
+            return None
+        with self._hooked(look):
+            yield
 
 
 class SequentialForward(FunctionalForward):
@@ -89,6 +173,10 @@ class SequentialForward(FunctionalForward):
     def __init__(self, module: nn.Sequential, layers: list[tuple[str, nn.Module]]):
         super().__init__(module)
         self.ops: list[Callable[[Params, torch.Tensor], torch.Tensor]] = []
+        #: position in ``ops`` -> (name, layer) of each batch-norm op
+        self._norm_ops: dict[int, tuple[str, nn.Module]] = {}
+        #: sees each batch-norm input while set (:meth:`observing`); None on the fast path
+        self.observer: Observer | None = None
         unused: set[str] = set()
         i = 0
         while i < len(layers):
@@ -107,7 +195,8 @@ class SequentialForward(FunctionalForward):
             elif isinstance(layer, nn.Linear):
                 self.ops.append(_linear(name, layer, bias=not drop_bias))
             elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                self.ops.append(_batch_norm(name, layer))
+                self._norm_ops[len(self.ops)] = (name, layer)
+                self.ops.append(_batch_norm(name, layer, self))
             elif isinstance(layer, nn.ReLU):  # never in place: autograd may need its input
                 self.ops.append(lambda params, x: F.relu(x))
             else:  # parameter-free layers run as they are
@@ -119,6 +208,43 @@ class SequentialForward(FunctionalForward):
         for op in self.ops:
             x = op(params, x)
         return x
+
+    def _run(self, params: Params, x: torch.Tensor,
+             norm: Callable[[str, nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        for i, op in enumerate(self.ops):
+            at = self._norm_ops.get(i)
+            x = op(params, x) if at is None else norm(at[0], at[1], x)
+        return x
+
+    def _affine(self, params: Params, name: str, layer: nn.Module):
+        if not layer.affine:
+            return None, None
+        return params[f"{name}.weight"], params[f"{name}.bias"]
+
+    def statistics(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, Statistics]:
+        stats: Statistics = {}
+
+        def record(name, layer, inp):
+            if self.observer is not None:
+                self.observer(name, inp)
+            stats[name] = batch_moments(inp)  # what the queries will be normalised by (differentiable)
+            weight, bias = self._affine(params, name, layer)
+            if weight is None:
+                return F.batch_norm(inp, None, None, None, None, training=True, eps=layer.eps)
+            return BatchNormBatchStats.apply(inp, weight, bias, layer.eps)  # the batch's own: PyTorch's kernels
+        return self._run(params, x, record), stats
+
+    def with_statistics(self, params: Params, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
+        return self._run(params, x, lambda name, layer, inp: normalise(
+            inp, *stats[name], *self._affine(params, name, layer), layer.eps))
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        before, self.observer = self.observer, observer
+        try:
+            yield
+        finally:
+            self.observer = before
 
 
 def _stateless(layer: nn.Module):
@@ -196,11 +322,13 @@ def _linear(name: str, layer: nn.Linear, bias: bool):
     return op
 
 
-def _batch_norm(name: str, layer: nn.modules.batchnorm._BatchNorm):
+def _batch_norm(name: str, layer: nn.modules.batchnorm._BatchNorm, owner: SequentialForward):
     w, b = f"{name}.weight", f"{name}.bias"
     affine, eps = layer.affine, layer.eps
 
     def op(params: Params, x: torch.Tensor) -> torch.Tensor:
+        if owner.observer is not None:
+            owner.observer(name, x)
         if affine:
             return BatchNormBatchStats.apply(x, params[w], params[b], eps)
         return F.batch_norm(x, None, None, None, None, training=True, eps=eps)
@@ -363,23 +491,123 @@ def functional_forward(model: nn.Module, fast: bool = True) -> FunctionalForward
     return FunctionalForward(model)
 
 
-def split_head(model: nn.Module, fast: bool = True) -> tuple[FunctionalForward, FunctionalForward] | None:
-    """``(body, head)`` forwards of a Sequential whose last parametrised child is its head, such
-    that ``model(x) == head(params, body(params, x))``; None for other models.
+def head_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The name and module of the model's head: its last module with parameters of its own."""
+    last = None
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            last = (name, module)
+    return last
 
-    ANIL adapts only the head, so the body's features of a task are computed once, not once per
-    inner step.
+
+def split_head(model: nn.Module, fast: bool = True) -> tuple[FunctionalForward, FunctionalForward] | None:
+    """``(body, head)`` forwards such that ``model(x) == head(params, body(params, x))``, or None.
+
+    For a Sequential whose last parametrised child is its head, the body is the children before
+    it. For any other model whose output is the output of its last parametrised module, an
+    ``nn.Linear`` (a ResNet-12 with a head, a recurrent network ending in a linear layer), the
+    body runs the model and hands on that layer's input. ANIL adapts only the head, so the
+    body's features of a task are computed once; a head of another size (a task of other ways)
+    is then just other head parameters.
     """
-    if not isinstance(model, nn.Sequential):
+    if isinstance(model, nn.Sequential):
+        children = list(model._modules.items())
+        with_params = [i for i, (_, child) in enumerate(children) if any(True for _ in child.parameters())]
+        if not with_params or with_params[-1] == 0:
+            return None
+        cut = with_params[-1]
+        body = nn.Sequential(OrderedDict(children[:cut]))
+        head = nn.Sequential(OrderedDict(children[cut:]))
+        return functional_forward(body, fast), functional_forward(head, fast)
+    found = head_layer(model)
+    if found is None or not found[0] or type(found[1]) is not nn.Linear:
         return None
-    children = list(model._modules.items())
-    with_params = [i for i, (_, child) in enumerate(children) if any(True for _ in child.parameters())]
-    if not with_params or with_params[-1] == 0:
-        return None
-    cut = with_params[-1]
-    body = nn.Sequential(OrderedDict(children[:cut]))
-    head = nn.Sequential(OrderedDict(children[cut:]))
-    return functional_forward(body, fast), functional_forward(head, fast)
+    return HeadInput(model, *found), LinearHead(found[0], found[1].bias is not None)
+
+
+class LinearHead(FunctionalForward):
+    """``forward(params, z) = z @ W.T + b`` with ``W, b`` the parameters ``<name>.weight`` and
+    ``<name>.bias``, of any number of outputs."""
+
+    def __init__(self, name: str, bias: bool = True):
+        self.module, self._norms = None, {}
+        self.weight, self.bias = f"{name}.weight", (f"{name}.bias" if bias else None)
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, params[self.weight], params[self.bias] if self.bias else None)
+
+    def statistics(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, Statistics]:
+        return self(params, x), {}
+
+    def with_statistics(self, params: Params, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
+        return self(params, x)
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        yield
+
+
+class HeadInput(FunctionalForward):
+    """The features a model's linear head reads: the model runs whole (through
+    ``functional_call``) and the head's input is handed on."""
+
+    def __init__(self, module: nn.Module, head_name: str, head: nn.Module):
+        super().__init__(module)
+        self.head_name, self.head = head_name, head
+
+    def _features(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(module, inputs, output):
+            seen["features"], seen["scores"] = inputs[0], output
+        with self.head.register_forward_hook(hook):
+            out = run()
+        if seen.get("scores") is not out:
+            from kshot.errors import ConfigError
+            raise ConfigError(f"{type(self.module).__name__} does not return the output of its last layer "
+                              f"({self.head_name}), so its head cannot be replaced by one of other ways; "
+                              f"end the model's forward with that layer")
+        return seen["features"]
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return self._features(lambda: FunctionalForward.__call__(self, params, x))
+
+    def statistics(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, Statistics]:
+        box: dict = {}
+
+        def run():
+            box["out"], box["stats"] = FunctionalForward.statistics(self, params, x)
+            return box["out"]
+        return self._features(run), box["stats"]
+
+    def with_statistics(self, params: Params, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
+        return self._features(lambda: FunctionalForward.with_statistics(self, params, stats, x))
+
+
+class Composed(FunctionalForward):
+    """``head(params, body(params, x))``: a model cut in two by :func:`split_head`."""
+
+    def __init__(self, body: FunctionalForward, head: FunctionalForward):
+        self.body, self.head = body, head
+        self.module = getattr(body, "module", None)
+        self._norms = {**getattr(body, "_norms", {}), **getattr(head, "_norms", {})}
+        self.unused = body.unused | head.unused
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return self.head(params, self.body(params, x))
+
+    def statistics(self, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, Statistics]:
+        z, first = self.body.statistics(params, x)
+        out, second = self.head.statistics(params, z)
+        return out, {**first, **second}
+
+    def with_statistics(self, params: Params, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
+        return self.head.with_statistics(params, stats, self.body.with_statistics(params, stats, x))
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        with self.body.observing(observer), self.head.observing(observer):
+            yield
 
 
 class BatchedMLPForward:
@@ -393,6 +621,8 @@ class BatchedMLPForward:
     """
 
     unused: frozenset[str] = frozenset()
+    #: MLPs have no batch norm: nothing depends on the other examples of a batch.
+    batch_norms: tuple[str, ...] = ()
 
     def __init__(self, layers: list[tuple[str, nn.Module]]):
         self.layers = layers

@@ -2,14 +2,16 @@
 
 A task is adapted to by a few gradient steps on its support set, from the meta-parameters::
 
-    theta_0 = theta;   theta_{k+1} = theta_k - alpha * grad_theta L_support(theta_k)
+    theta_0 = theta;   theta_{k+1} = theta_k - alpha_k * grad_theta L_support(theta_k)
 
 written functionally (``forward(params, x)``, see :mod:`kshot.learners.functional`), so the
 meta-parameters are never overwritten and the steps stay differentiable: with
 ``create_graph=True`` the meta-gradient flows through them (second order); with
 ``first_order=True`` each step's gradient is a constant and the meta-gradient is the query
-gradient at the adapted parameters (first-order MAML). ``alpha`` is one number, or one tensor
-per parameter (Meta-SGD); only the parameters named in ``names`` adapt (ANIL: the head).
+gradient at the adapted parameters (first-order MAML). ``alpha_k`` is one number, one tensor
+per parameter (Meta-SGD), or a schedule over steps (MAML++'s per-layer per-step rates); only the
+parameters named in ``names`` adapt (ANIL: the head). A ``point`` function gives the
+parameters the network uses at step ``k`` (MAML++'s per-step batch-norm weights).
 
 The tasks of a meta-batch are adapted one after another (``loop``: for convolutional networks
 on a CPU the fastest, and the least memory, since each task's graph is freed after its backward
@@ -20,7 +22,21 @@ tests hold them to it.
 
 :class:`GradientLearner` is the base of the learners built on this loop: it turns a model's batch
 norm into per-batch statistics (MAML's treatment, so nothing leaks between tasks), chooses the
-loss (cross-entropy, or MSE for regression task families), and implements ``adapt``.
+loss (cross-entropy, or MSE for regression task families), and implements ``adapt``:
+
+* **Any number of ways.** A task whose ways differ from the model's head (or every task, with
+  ``head_init="prototypes"``: Proto-MAML, Triantafillou et al. 2020) starts from a linear head
+  built from the support set's class prototypes ``mu_c`` on the body's features,
+  ``W_c = 2 mu_c, b_c = -||mu_c||^2`` (the linear form of ProtoNet's squared distances). With
+  ``head_init="prototypes"`` the inner loop adapts it with the rest, as trained; a learner
+  meta-trained with a learned head adapts only the new head on tasks of other ways (its body's
+  initialisation was learned for a head of much smaller weights, and full steps at its rate
+  overshoot).
+* **Predictions that do not depend on their neighbours.** With ``transductive=False`` (the
+  default of the settings) every query is normalised by the batch-norm statistics of the
+  support set at the adapted parameters, in training and at test, so a query's scores depend
+  on the support set and itself alone. ``transductive=True`` normalises each query batch by its
+  own statistics, as Finn et al. trained and evaluated.
 """
 
 from __future__ import annotations
@@ -32,22 +48,34 @@ import os
 import platform
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, ContextManager, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kshot.errors import ConfigError
-from kshot.learners.base import Learner, Predictor, accuracy
-from kshot.learners.functional import (Forward, FunctionalForward, Params, batched_forward, functional_forward,
-                                       split_head, use_batch_statistics)
+from kshot.learners.base import Learner, Predictor, accuracy, check_classes, class_means
+from kshot.learners.functional import (Composed, Forward, FunctionalForward, Params, Statistics, batched_forward,
+                                       functional_forward, head_layer, split_head, use_batch_statistics)
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
     "mse": F.mse_loss,
 }
 BATCH_TASKS = ("auto", "loop", "vmap", "batched")
+HEAD_INITS = ("learned", "prototypes")
+
+#: An inner learning rate: one number, a tensor per adapted parameter, or either per step.
+Rates = Union[float, Params]
+LearningRates = Union[Rates, Callable[[int], Rates]]
+#: ``point(params, k)``: the parameters the network uses at step ``k`` of the inner loop.
+Point = Callable[[Params, int], Params]
+
+
+def rates_at(lr: LearningRates, step: int) -> Rates:
+    """The inner learning rate(s) of step ``step``."""
+    return lr(step) if callable(lr) else lr
 
 
 @dataclass
@@ -128,38 +156,48 @@ class InnerLoop:
         self.names = tuple(n for n in names if n not in set(unused))
 
     def gradients(self, params: Params, x: torch.Tensor, y: torch.Tensor, create_graph: bool,
-                  functional: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  functional: bool = False,
+                  view: Callable[[Params], Params] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Gradient of the support loss with respect to the adapted parameters, and the loss.
 
         ``functional=True`` uses ``torch.func.grad`` (composable with ``vmap``); otherwise
-        ``torch.autograd.grad``, which needs the adapted parameters to require grad.
+        ``torch.autograd.grad``, which needs the adapted parameters to require grad. ``view``
+        maps the parameters to those the forward takes (per-step parameters).
         """
         if functional:
             def support_loss(sub: Params) -> torch.Tensor:
-                return self.loss(self.forward({**params, **sub}, x), y)
+                merged = {**params, **sub}
+                return self.loss(self.forward(view(merged) if view else merged, x), y)
             grads, loss = torch.func.grad_and_value(support_loss)({n: params[n] for n in self.names})
             if not create_graph:
                 grads = {n: g.detach() for n, g in grads.items()}
             return grads, loss
-        loss = self.loss(self.forward(params, x), y)
+        loss = self.loss(self.forward(view(params) if view else params, x), y)
         tensors = [params[n] for n in self.names]
         grads = torch.autograd.grad(loss, tensors, create_graph=create_graph, allow_unused=True)
         return {n: (g if g is not None else torch.zeros_like(t))
                 for n, g, t in zip(self.names, grads, tensors)}, loss
 
-    def adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float | Params,
-              create_graph: bool, functional: bool = False, keep_trajectory: bool = False) -> Adaptation:
+    def adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: LearningRates,
+              create_graph: bool, functional: bool = False, keep_trajectory: bool = False,
+              point: Point | None = None,
+              observe: Callable[[int], ContextManager] | None = None) -> Adaptation:
         """``steps`` gradient steps on ``(x, y)`` from ``params``.
 
         Args:
             params: the starting parameters (the meta-parameters), by name.
             x, y: the support set, ``[n, ...]`` and ``[n]`` (classes) or ``[n, d]`` (regression).
             steps: number of gradient steps.
-            lr: the inner learning rate, one number or a tensor per adapted parameter (Meta-SGD).
+            lr: the inner learning rate: one number, a tensor per adapted parameter (Meta-SGD),
+                or a function of the step giving either (MAML++).
             create_graph: keep the steps differentiable (second-order meta-gradient); otherwise
                 each step's gradient is a constant (first order).
             functional: use ``torch.func.grad`` (needed under ``vmap``).
             keep_trajectory: also return the parameters before each step.
+            point: ``point(params, k)``, the parameters the forward takes at step ``k``
+                (default: ``params`` themselves).
+            observe: ``observe(k)``, a context around step ``k``'s support pass (running
+                statistics).
 
         Returns:
             The :class:`Adaptation`; ``params`` stays differentiable with respect to the input
@@ -167,49 +205,133 @@ class InnerLoop:
         """
         losses: list[torch.Tensor] = []
         trajectory = [params] if keep_trajectory else None
-        for _ in range(steps):
-            grads, loss = self.gradients(params, x, y, create_graph, functional)
+        for k in range(steps):
+            view = (lambda p, k=k: point(p, k)) if point is not None else None
+            with observe(k) if observe is not None else contextlib.nullcontext():
+                grads, loss = self.gradients(params, x, y, create_graph, functional, view)
             losses.append(loss.detach())
+            rate = rates_at(lr, k)
             params = dict(params)
             for n, g in grads.items():
-                params[n] = params[n] - (lr[n] if isinstance(lr, dict) else lr) * g
+                params[n] = params[n] - (rate[n] if isinstance(rate, dict) else rate) * g
             if trajectory is not None:
                 trajectory.append(params)
         return Adaptation(params, losses, trajectory)
 
 
+def prototype_head(features: torch.Tensor, labels: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proto-MAML's linear head from a support set's features ``[n, d]`` and labels ``[n]``:
+    ``W_c = 2 mu_c`` ``[ways, d]`` and ``b_c = -||mu_c||^2`` ``[ways]``, so that
+    ``W z + b = -||z - mu||^2 + ||z||^2``: ProtoNet's scores up to a term equal for all classes."""
+    mu = class_means(features.flatten(1), labels, ways)
+    return 2 * mu, -mu.pow(2).sum(-1)
+
+
+class TaskAdaptation:
+    """One task adapted: the parameters at each inner step, and predictions at any of them under
+    the learner's protocol.
+
+    Args:
+        learner: the learner that adapted.
+        forward: ``forward(params, inputs)`` of the adapted part (the whole model, or ANIL's head).
+        trajectory: the parameters after ``0..steps`` steps (or only the last, ``[theta_S]``).
+        steps: the number of inner steps taken.
+        support_in: the support inputs of ``forward`` (images, or ANIL's features).
+        encode: raw inputs -> inputs of ``forward`` (identity, or ANIL's body under the protocol).
+        point: per-step parameters (see :class:`InnerLoop`).
+        transductive: normalise each batch by its own statistics (else by the support set's).
+        observe: ``observe(k)``, a context around passes at step ``k`` (running statistics).
+        running: ``running(k)``: batch-norm statistics to normalise queries by at step ``k``
+            instead of the support set's (MAML++'s per-step running statistics), or None.
+    """
+
+    def __init__(self, learner: "GradientLearner", forward: FunctionalForward, trajectory: list[Params],
+                 steps: int, support_in: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
+                 point: Point | None, transductive: bool,
+                 observe: Callable[[int], ContextManager] | None = None,
+                 running: Callable[[int], Statistics | None] | None = None):
+        self.learner, self.forward, self.trajectory, self.steps = learner, forward, trajectory, steps
+        self.support_in, self.encode, self.point = support_in, encode, point
+        self.transductive = transductive or not getattr(forward, "batch_norms", ())
+        self.observe, self.running = observe, running
+        self._statistics: dict[int, Statistics] = {}
+
+    @property
+    def params(self) -> Params:
+        """The adapted parameters (after the last step)."""
+        return self.trajectory[-1]
+
+    def at(self, k: int) -> Params:
+        """The parameters the forward takes after ``k`` steps."""
+        params = self.trajectory[k - self.steps - 1] if len(self.trajectory) <= self.steps else self.trajectory[k]
+        return self.point(params, k) if self.point is not None else params
+
+    def _observed(self, k: int):
+        return self.observe(k) if self.observe is not None else contextlib.nullcontext()
+
+    def statistics(self, k: int) -> Statistics:
+        """Batch-norm statistics the queries are normalised by after ``k`` steps: the support
+        set's at those parameters (or the learner's running statistics, where it keeps them)."""
+        if k not in self._statistics:
+            stats = self.running(k) if self.running is not None else None
+            if stats is None:
+                with self._observed(k):
+                    stats = self.forward.statistics(self.at(k), self.support_in)[1]
+            self._statistics[k] = stats
+        return self._statistics[k]
+
+    def logits(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Outputs for raw inputs ``x`` after ``k`` steps (default: all of them)."""
+        k = self.steps if k is None else k
+        z = self.encode(x)
+        if self.transductive:
+            with self._observed(k):
+                return self.forward(self.at(k), z)
+        return self.forward.with_statistics(self.at(k), self.statistics(k), z)
+
+    def support_outputs(self, k: int) -> torch.Tensor:
+        """Outputs for the support set after ``k`` steps (normalised by itself, as in the inner loop)."""
+        return self.forward(self.at(k), self.support_in)
+
+
 class AdaptedPredictor(Predictor):
-    """A predictor holding a task's adapted parameters (and, outside training, the way there).
+    """A predictor holding a task's adaptation (and, outside training, the way there).
 
     ``trace(query_x, query_y)`` scores the support and query sets at every inner step, for the
     within-task monitoring that validation logs.
     """
 
-    def __init__(self, learner: "GradientLearner", params: Params, ways: int,
-                 forward: Forward | None = None, support: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 trajectory: list[Params] | None = None):
-        forward = forward or learner.forward
-        super().__init__(lambda x: forward(params, x), ways)
-        self.learner, self.params, self._forward = learner, params, forward
-        self.support, self.trajectory = support, trajectory
+    def __init__(self, learner: "GradientLearner", adaptation: TaskAdaptation, ways: int,
+                 support: tuple[torch.Tensor, torch.Tensor] | None = None, keeps_trajectory: bool = False):
+        super().__init__(adaptation.logits, ways)
+        self.learner, self.adaptation, self.support = learner, adaptation, support
+        self.keeps_trajectory = keeps_trajectory
+
+    @property
+    def params(self) -> Params:
+        return self.adaptation.params
+
+    @property
+    def trajectory(self) -> list[Params] | None:
+        return self.adaptation.trajectory if self.keeps_trajectory else None
 
     def at_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """Outputs for ``x`` after ``step`` inner steps (0: the meta-parameters); needs the
         trajectory, which ``adapt`` keeps outside training."""
-        if self.trajectory is None:
+        if not self.keeps_trajectory:
             raise ValueError("this predictor kept no trajectory (it was adapted with gradients enabled)")
-        return self._forward(self.trajectory[step], x)
+        return self.adaptation.logits(x, step)
 
     def trace(self, query_x: torch.Tensor, query_y: torch.Tensor) -> dict[str, float]:
         """Support and query loss (and accuracy, for classification) at each inner step."""
-        if self.trajectory is None or self.support is None:
+        if not self.keeps_trajectory or self.support is None:
             return {}
         out: dict[str, float] = {}
-        sx, sy = self.support
+        sy = self.support[1]
         with torch.no_grad():
-            for k, params in enumerate(self.trajectory):
-                for split, x, y in (("support", sx, sy), ("query", query_x, query_y)):
-                    pred = self._forward(params, x)
+            for k in range(self.adaptation.steps + 1):
+                for split, pred, y in (("support", self.adaptation.support_outputs(k), sy),
+                                       ("query", self.adaptation.logits(query_x, k), query_y)):
                     out[f"{split}_loss_step{k}"] = self.learner.query_loss(pred, y).item()
                     if self.learner.classification:
                         out[f"{split}_acc_step{k}"] = accuracy(pred, y)
@@ -237,18 +359,27 @@ class GradientLearner(Learner):
         inner_params: the parameters that adapt in the inner loop, by name or name prefix (a
             module: ``"decision"`` names every parameter under ``decision.``); a sequence or a
             comma-separated string. Empty: the learner's own choice (all; ANIL: the head).
+        transductive: normalise each query batch by its own batch-norm statistics (Finn et
+            al.'s protocol); False: by the support set's, so that a query's prediction depends
+            on the support set and itself alone (see the module docstring).
+        head_init: ``learned`` (the head is a meta-parameter; tasks of other ways start from a
+            prototype head) or ``prototypes`` (every task starts from a prototype head:
+            Proto-MAML).
     """
 
     config_options: ClassVar[tuple[str, ...]] = ("inner_steps", "inner_lr", "test_inner_steps", "batch_tasks",
-                                                 "inner_params")
+                                                 "inner_params", "transductive", "head_init")
+    supports_transductive = True
     #: Only the parameters of the model's last layer adapt in the inner loop (ANIL).
     head_only: ClassVar[bool] = False
     #: Whether inner-loop gradients are constants for the meta-gradient (first-order variants).
     first_order_steps: bool = False
+    #: The head initialisations this learner accepts.
+    head_inits: ClassVar[tuple[str, ...]] = HEAD_INITS
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
-                 inner_params: str | Sequence[str] = ()):
+                 inner_params: str | Sequence[str] = (), *, transductive: bool = False, head_init: str = "learned"):
         super().__init__(use_batch_statistics(model))
         if int(inner_steps) != inner_steps or inner_steps < 1:
             raise ConfigError(f"inner_steps must be an integer >= 1, not {inner_steps!r}")
@@ -260,21 +391,34 @@ class GradientLearner(Learner):
             raise ConfigError(f"unknown batch_tasks {batch_tasks!r}; choose one of {', '.join(BATCH_TASKS)}")
         if loss not in LOSSES:
             raise ConfigError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        if head_init not in self.head_inits:
+            raise ConfigError(f"{self.algo} takes head_init {' or '.join(self.head_inits)}, not {head_init!r}")
         self.inner_steps, self.inner_lr = int(inner_steps), float(inner_lr)
         self.test_inner_steps, self.batch_tasks, self.loss_name = int(test_inner_steps), batch_tasks, loss
+        self.transductive, self.head_init = bool(transductive), head_init
         self._loss = LOSSES[loss]
         self.forward = functional_forward(self.model)
         self.generic_forward = functional_forward(self.model, fast=False)
         self.batched_forward = batched_forward(self.model)
         self.head_names = _head_names(self.model)
+        head = head_layer(self.model)
+        #: Classes of the model's head (None: its last layer is not a linear one).
+        self.head_ways = head[1].out_features if head is not None and isinstance(head[1], nn.Linear) else None
         self.inner_params = parameter_prefixes(inner_params)
         if self.inner_params:
             names = select_parameters(self.model, self.inner_params)
         else:
             names = self.head_names if self.head_only else [n for n, _ in self.model.named_parameters()]
         self.adapted_names = tuple(names)
-        #: ANIL on a Sequential: (body, head) forwards, so that features are computed once per task.
-        self.split = split_head(self.model) if self.head_only and not self.inner_params else None
+        #: ANIL (its own choice of parameters): the body's features of a task are computed once.
+        self.features_once = self.head_only and not self.inner_params
+        #: (body, head) forwards: ANIL's features once; prototype heads need the body's features.
+        self.split = split_head(self.model)
+        self.generic_split = split_head(self.model, fast=False)
+        #: The outer step the trainer is at (:meth:`set_training_step`): schedules follow it.
+        self.training_step = 0
+        if head_init == "prototypes" and loss == "cross_entropy":
+            self._check_replaceable_head()
 
     # ------------------------------------------------------------------ settings
     @classmethod
@@ -283,9 +427,6 @@ class GradientLearner(Learner):
         from kshot.models import backbone_arguments
 
         family = task_family(config.dataset)
-        if family is None and config.eval_ways != config.ways:
-            raise ConfigError(f"{cls.algo} learns a {config.ways}-way head, so it cannot be tested on "
-                              f"{config.eval_ways}-way tasks; set --test-ways {config.ways} (or 0)")
         wanted = {"out_features": 1 if family is not None else config.ways, "track_running_stats": False}
         accepted = backbone_arguments(config.backbone)
         return {k: v for k, v in wanted.items() if accepted is None or k in accepted}
@@ -302,10 +443,15 @@ class GradientLearner(Learner):
         loss = family.loss if family is not None else "cross_entropy"
         return cls(model, loss=loss, **{name: getattr(config, name) for name in cls.config_options})
 
+    @classmethod
+    def from_saved_options(cls, model: nn.Module, options: dict) -> "GradientLearner":
+        # Checkpoints written before the protocol was an option were trained transductively.
+        return cls(model, **{"transductive": True, **options})
+
     def options(self) -> dict:
         options = {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
                    "test_inner_steps": self.test_inner_steps, "batch_tasks": self.batch_tasks,
-                   "loss": self.loss_name}
+                   "loss": self.loss_name, "transductive": self.transductive, "head_init": self.head_init}
         if self.inner_params:
             options["inner_params"] = list(self.inner_params)
         return options
@@ -319,11 +465,23 @@ class GradientLearner(Learner):
         """Inner steps now: the training number in training mode, the test number otherwise."""
         return self.inner_steps if self.training else (self.test_inner_steps or self.inner_steps)
 
+    @property
+    def first_order_now(self) -> bool:
+        """Whether this outer step's meta-gradient treats inner gradients as constants."""
+        return self.first_order_steps
+
+    def set_training_step(self, step: int) -> None:
+        self.training_step = int(step)
+
     def query_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._loss(logits, labels)
 
     def query_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
         return accuracy(logits, labels) if self.classification else float("nan")
+
+    def loop_only(self) -> str | None:
+        """Why this learner's settings need the per-task loop (None: any mode works)."""
+        return None
 
     def batch_mode(self, tasks: Sequence) -> str:
         """``loop``, ``vmap`` or ``batched`` for this meta-batch.
@@ -335,20 +493,34 @@ class GradientLearner(Learner):
         (benchmarks/maml_speed.py).
         """
         same_shapes = len({(t.support_x.shape, t.query_x.shape) for t in tasks}) == 1
+        plain_head = not self.classification or (self.head_init == "learned"
+                                                 and all(t.ways == self.head_ways for t in tasks))
+        batched_ok = (self.batched_forward is not None and plain_head and self.loop_only() is None
+                      and self.vmap_only() is None)
         if self.batch_tasks in ("vmap", "batched"):
             if not same_shapes:
                 raise ConfigError(f"batch_tasks={self.batch_tasks} needs tasks of equal shapes; "
                                   f"use batch_tasks=loop")
+            why = self.loop_only()
+            if why:
+                raise ConfigError(f"batch_tasks={self.batch_tasks} cannot {why}; use batch_tasks=loop")
             if self.batch_tasks == "batched" and self.batched_forward is None:
                 raise ConfigError("batch_tasks=batched works for MLPs (Linear layers and activations) "
                                   "only; use vmap or loop for this model")
+            if self.batch_tasks == "batched" and not batched_ok:
+                raise ConfigError("batch_tasks=batched takes plain MAML tasks of the head's ways only; "
+                                  "use vmap or loop with these options")
             return self.batch_tasks
-        if self.batch_tasks == "auto" and same_shapes and len(tasks) > 1:
-            if self.batched_forward is not None:
+        if self.batch_tasks == "auto" and same_shapes and len(tasks) > 1 and self.loop_only() is None:
+            if batched_ok:
                 return "batched"
             if next(self.model.parameters()).device.type == "cuda":
                 return "vmap"
         return "loop"
+
+    def vmap_only(self) -> str | None:
+        """Settings the batched MLP path does not implement but vmap does (None: none)."""
+        return None
 
     def vmap_or_loop(self, vmapped: Callable, *args):
         """``vmapped(*args)``, or None when the model cannot be batched with vmap (data-dependent
@@ -386,16 +558,152 @@ class GradientLearner(Learner):
 
     # ------------------------------------------------------------------ parameters
     def meta_parameters(self) -> Params:
-        """The model's parameters by name: the starting point of every task's inner loop."""
+        """The meta-parameters by name: the starting point of every task's inner loop (the
+        model's parameters, and any per-step ones a subclass adds)."""
         return dict(self.model.named_parameters())
 
-    def learning_rates(self) -> float | Params:
-        """The inner learning rate(s); Meta-SGD overrides this with learned tensors."""
+    def rate_parameters(self) -> Params:
+        """Learned inner learning rates by adapted parameter name (none by default)."""
+        return {}
+
+    def learning_rates(self, rates: Params | None = None) -> LearningRates:
+        """The inner learning rate(s), from the learned ``rates`` (default: the learner's own);
+        Meta-SGD and MAML++ override this."""
         return self.inner_lr
+
+    def point(self) -> Point | None:
+        """``point(params, k)``: the parameters the network uses at inner step ``k`` (None: the
+        same at every step)."""
+        return None
+
+    def running_statistics(self, k: int) -> Statistics | None:
+        """Batch-norm statistics to normalise queries by after ``k`` steps, when the learner
+        keeps running ones (None: the support set's)."""
+        return None
+
+    def observer(self, forward: FunctionalForward) -> Callable[[int], ContextManager] | None:
+        """``observe(k)``: a context in which passes at step ``k`` update running statistics
+        (None: nothing to update)."""
+        return None
 
     def inner_loop(self, forward: Forward | None = None, generic: bool = False) -> InnerLoop:
         forward = forward or (self.generic_forward if generic else self.forward)
         return InnerLoop(forward, self._loss, self.adapted_names, unused=forward.unused)
+
+    # ------------------------------------------------------------------ heads of any ways
+    def _check_replaceable_head(self, ways: int | None = None) -> None:
+        """Refuse, in one line, a model whose head cannot be swapped for one of ``ways`` classes."""
+        ok = self.split is not None and self.generic_split is not None and self.head_ways is not None
+        if ok and isinstance(self.model, nn.Sequential):
+            head_part = self.split[1].module
+            ok = [type(m) for m in head_part.modules() if not isinstance(m, nn.Sequential)] == [nn.Linear]
+        if not ok:
+            what = (f"tasks of {ways} classes" if ways is not None else "a head of prototypes (head_init=prototypes)")
+            trained = f"its {self.head_ways}-way head" if self.head_ways else "its output layer"
+            raise ConfigError(f"{self.algo} cannot adapt {type(self.model).__name__} to {what}: kshot replaces the "
+                              f"model's last layer by a prototype head, and {trained} is not a plain linear "
+                              f"last layer; adapt with tasks of {self.head_ways or 'its'} classes")
+
+    def needs_prototype_head(self, ways: int) -> bool:
+        """Whether a task of ``ways`` classes starts from a prototype head (Proto-MAML's)."""
+        if not self.classification:
+            return False
+        return self.head_init == "prototypes" or (self.head_ways is not None and ways != self.head_ways)
+
+    def _head_rates(self, lr: LearningRates, ways: int) -> LearningRates:
+        """Learned per-entry rates (Meta-SGD) of a head of other ways: each class row's rates
+        are exchangeable (labels are assigned at random), so every row takes their mean."""
+        weight, *bias = self.head_names
+
+        def fit(rate: Rates) -> Rates:
+            if not isinstance(rate, dict):
+                return rate
+            out = dict(rate)
+            for name in (weight, *bias):
+                r = rate.get(name)
+                if r is not None and r.dim() >= 1 and r.shape[0] != ways:
+                    out[name] = r.mean(0, keepdim=True).expand(ways, *r.shape[1:])
+            return out
+        return (lambda k: fit(lr(k))) if callable(lr) else fit(lr)
+
+    # ------------------------------------------------------------------ one task
+    def adapt_task(self, params: Params, lr: LearningRates, support_x: torch.Tensor, support_y: torch.Tensor,
+                   ways: int, steps: int, create_graph: bool, *, keep_trajectory: bool = False,
+                   generic: bool = False, functional: bool = False, observe: bool = False,
+                   differentiable: bool = True) -> tuple[TaskAdaptation, list[torch.Tensor]]:
+        """Adapt to one task from ``params``: the inner loop, and how to predict after it.
+
+        Args:
+            params, lr: the starting parameters and the inner learning rate(s).
+            support_x, support_y: the task's support set.
+            ways: its number of classes (a head of other ways starts from its prototypes).
+            steps: inner steps.
+            create_graph: second order (see :class:`InnerLoop`).
+            keep_trajectory: keep the parameters after every step (else only the last).
+            generic, functional: the ``functional_call`` forward and ``torch.func.grad``, for vmap.
+            observe: update the learner's running statistics along the way.
+            differentiable: the result is differentiated with respect to ``params`` (training).
+
+        Returns:
+            The :class:`TaskAdaptation`, and the support loss before each step.
+        """
+        point = self.point()
+        split = self.generic_split if generic else self.split
+        prototype = self.needs_prototype_head(ways)
+        if prototype:
+            self._check_replaceable_head(None if self.head_init == "prototypes" else ways)
+            if not functional:  # under vmap the caller checks the stacked labels
+                check_classes(support_y, ways)
+        transductive = self.transductive
+        encode: Callable[[torch.Tensor], torch.Tensor] = _identity
+        if self.features_once and split is not None:  # ANIL: the body's features once, the head adapts on them
+            body, forward = split
+            body_params = params
+            if transductive or not body.batch_norms:
+                support_in = body(body_params, support_x)
+                encode = lambda x: body(body_params, x)  # noqa: E731
+            else:
+                support_in, body_stats = body.statistics(body_params, support_x)
+                encode = lambda x: body.with_statistics(body_params, body_stats, x)  # noqa: E731
+        else:
+            forward = Composed(*split) if prototype else (self.generic_forward if generic else self.forward)
+            support_in = support_x
+        if prototype:
+            weight, *bias = self.head_names
+            if self.features_once and split is not None:
+                features = support_in
+            else:
+                start = point(params, 0) if point is not None else params
+                features = split[0](start, support_x)
+            w, b = prototype_head(features, support_y, ways)
+            if not functional:
+                if differentiable:
+                    # The inner gradient at step 0 is a partial derivative: the body's parameters
+                    # enter the loop as new nodes, so that it does not flow back through the
+                    # prototypes (the meta-gradient still does, through these identities).
+                    params = {n: (p.view_as(p) if n in self.adapted_names else p) for n, p in params.items()}
+                else:
+                    w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
+            params = {**params, weight: w, **({bias[0]: b} if bias else {})}
+            lr = self._head_rates(lr, ways)
+        names = self.adapted_names
+        if prototype and self.head_init == "learned":
+            # The body's initialisation was meta-learned under a learned head of other ways; with a
+            # prototype head (weights of the features' size) its steps at the trained rate overshoot
+            # (docs/MAML.md measures it), so only the new head adapts on the body's features.
+            names = tuple(self.head_names)
+        inner = InnerLoop(forward, self._loss, names, unused=forward.unused)
+        watch = self.observer(forward) if observe else None
+        result = inner.adapt(params, support_in, support_y, steps, lr, create_graph, functional=functional,
+                             keep_trajectory=keep_trajectory, point=point, observe=watch)
+        trajectory = result.trajectory if keep_trajectory else [result.params]
+        running = None if (self.training or transductive) else self.running_statistics
+        adaptation = TaskAdaptation(self, forward, trajectory, steps, support_in, encode, point, transductive,
+                                    observe=watch, running=running if self._keeps_running() else None)
+        return adaptation, result.support_losses
+
+    def _keeps_running(self) -> bool:
+        return False
 
     # ------------------------------------------------------------------ adapt
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
@@ -414,37 +722,27 @@ class GradientLearner(Learner):
         lr = self.learning_rates()
         if not differentiable:
             params = {n: p.detach().requires_grad_(n in self.adapted_names) for n, p in params.items()}
-            lr = {n: v.detach() for n, v in lr.items()} if isinstance(lr, dict) else lr
-        create_graph = differentiable and not self.first_order_steps
+            lr = self.learning_rates({n: v.detach() for n, v in self.rate_parameters().items()})
+        create_graph = differentiable and not self.first_order_now
+        keep = not differentiable or self.step_weights() is not None
         with torch.enable_grad(), twice_differentiable(create_graph):
-            if self.split is not None:  # ANIL: the body's features once, the head adapts on them
-                body, head = self.split
-                features = body(params, support_x)
-                result = self.inner_loop(head).adapt(params, features, support_y, self.steps, lr, create_graph,
-                                                     keep_trajectory=not differentiable)
-                forward: Forward = _Composed(body, head)
-            else:
-                result = self.inner_loop().adapt(params, support_x, support_y, self.steps, lr, create_graph,
-                                                 keep_trajectory=not differentiable)
-                forward = self.forward
-        fast = result.params
-        trajectory = None
+            adaptation, _ = self.adapt_task(params, lr, support_x, support_y, ways, self.steps, create_graph,
+                                            keep_trajectory=keep, observe=differentiable and self.training,
+                                            differentiable=differentiable)
         if not differentiable:
-            fast = {n: p.detach() for n, p in fast.items()}
-            trajectory = [{n: p.detach() for n, p in step.items()} for step in result.trajectory or []]
-        return AdaptedPredictor(self, fast, ways, forward=forward, support=(support_x, support_y),
-                                trajectory=trajectory)
+            adaptation.trajectory = [{n: p.detach() for n, p in step.items()} for step in adaptation.trajectory]
+            adaptation.support_in = adaptation.support_in.detach()
+        return AdaptedPredictor(self, adaptation, ways, support=(support_x, support_y),
+                                keeps_trajectory=not differentiable)
+
+    def step_weights(self) -> list[float] | None:
+        """Weights of the query loss after each inner step (MAML++'s multi-step loss), or None:
+        the loss after the last step alone."""
+        return None
 
 
-class _Composed(FunctionalForward):
-    """``head(params, body(params, x))``."""
-
-    def __init__(self, body: FunctionalForward, head: FunctionalForward):
-        self.body, self.head = body, head
-        self.unused = body.unused | head.unused
-
-    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return self.head(params, self.body(params, x))
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def parameter_prefixes(names: str | Sequence[str]) -> tuple[str, ...]:
@@ -471,11 +769,8 @@ def select_parameters(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
 
 def _head_names(model: nn.Module) -> list[str]:
     """Names of the parameters of the model's last module that has parameters (its head)."""
-    last = None
-    for name, module in model.named_modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            last = name
-    if last is None:
+    found = head_layer(model)
+    if found is None:
         raise ConfigError("the model has no parameters to adapt")
-    prefix = f"{last}." if last else ""
+    prefix = f"{found[0]}." if found[0] else ""
     return [n for n, _ in model.named_parameters() if n.startswith(prefix) and "." not in n[len(prefix):]]

@@ -15,20 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kshot.errors import ConfigError
-from kshot.learners.base import Learner, Predictor, accuracy
+from kshot.learners.base import Learner, Predictor, accuracy, prototypes
 from kshot.tasks import Task
 
 DISTANCES = ("euclidean", "cosine")
-
-
-def prototypes(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
-    """Mean embedding of each class: ``[ways, d]`` from ``support_z [n, d]`` and labels ``[n]``."""
-    one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # [n, ways]
-    counts = one_hot.sum(0)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ConfigError(f"classes {missing} have no support examples; every class needs at least one")
-    return (one_hot.T @ support_z) / counts[:, None]
 
 
 def prototype_logits(query_z: torch.Tensor, protos: torch.Tensor, distance: str = "euclidean",

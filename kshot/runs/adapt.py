@@ -197,6 +197,11 @@ def take_shots(inputs: Inputs, shots: int, where: Path) -> Inputs:
 class AdaptedModel:
     """A learner adapted to a support set of named classes.
 
+    Predictions are non-transductive whatever protocol the learner was trained with: each
+    query's probabilities depend on the support set and that query alone, never on the other
+    files or on ``batch_size`` (learners with batch norm on the batch normalise queries by the
+    support set's statistics).
+
     Args:
         learner: any trained :class:`~kshot.learners.Learner`.
         support_x: support examples ``[n, ...]``.
@@ -219,7 +224,8 @@ class AdaptedModel:
         self.learner = learner.to(self.device).eval()
         support_y = torch.tensor([index[n] for n in support_labels], dtype=torch.int64)
         self.support_counts = {n: int((support_y == c).sum()) for c, n in enumerate(self.class_names)}
-        with torch.no_grad():  # learners that adapt by gradient steps turn gradients on themselves
+        # Learners that adapt by gradient steps turn gradients on themselves.
+        with torch.no_grad(), self.learner.inference(transductive=False):
             self.predictor = self.learner.adapt(support_x.to(self.device), support_y.to(self.device),
                                                 len(self.class_names))
 
@@ -240,7 +246,11 @@ class AdaptedModel:
         with torch.no_grad():
             for start in range(0, len(x), self.batch_size):
                 batch = x[start:start + self.batch_size].to(self.device)
-                out.append(self.predictor.predict_proba(batch).float().cpu())
+                probabilities = self.predictor.predict_proba(batch).float().cpu()
+                if probabilities.shape[-1] != self.ways:  # never a row that does not fit the header
+                    raise ConfigError(f"{self.learner.algo} scored {probabilities.shape[-1]} classes for a support "
+                                      f"set of {self.ways}; this learner cannot adapt to {self.ways} classes")
+                out.append(probabilities)
         return torch.cat(out) if out else torch.zeros(0, self.ways)
 
     def predict(self, x: torch.Tensor) -> list[str]:

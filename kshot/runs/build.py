@@ -190,8 +190,9 @@ def evaluation_tasks(config: TrainConfig, split: str, n_tasks: int, *, ways: int
                    + (", classes of each task from one group" if within else ""))
 
 
-def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
-    """A new learner as the config describes, its initial weights drawn from the config's seed."""
+def build_learner(config: TrainConfig, example_shape: Sequence[int], source=None) -> Learner:
+    """A new learner as the config describes, its initial weights drawn from the config's seed;
+    given its training ``source``, built for it (a pre-training head sized to its classes)."""
     check_algorithm(config)
     if is_rating_dataset(config.dataset):  # a rating model sized for the release
         return rating_learner(config, ratings_from_config(config, config.train_split))
@@ -199,6 +200,8 @@ def build_learner(config: TrainConfig, example_shape: Sequence[int]) -> Learner:
     if config.text_encoder and config.backbone == "text_top":  # the encoder's top layers, by name and hash
         config = replace(config, backbone_options={**text_backbone_options(config.text_encoder, config.encoder_layers),
                                                    **config.backbone_options})
+    if source is not None:
+        return algorithms()[config.algo].for_training(config, source)
     return algorithms()[config.algo].from_config(config, example_shape)
 
 
@@ -217,7 +220,9 @@ def _build(spec: dict) -> Learner:
     model = create_model(spec["model"]["name"], **spec["model"]["kwargs"])
     if spec["algo"] in POLICY_LEARNERS:
         return POLICY_LEARNERS[spec["algo"]](model, **spec.get("options", {}))
-    return create_learner(spec["algo"], model, **spec.get("options", {}))
+    if spec["algo"] in LEARNERS:  # options a checkpoint predates take their values of then
+        return LEARNERS[spec["algo"]].from_saved_options(model, dict(spec.get("options", {})))
+    return create_learner(spec["algo"], model, **spec.get("options", {}))  # the one-line error
 
 
 def _malformed(what: str, error: BaseException) -> CheckpointError:

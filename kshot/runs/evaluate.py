@@ -3,6 +3,10 @@
 The interval is the normal approximation used throughout the few-shot literature,
 ``1.96 * std(task accuracies) / sqrt(n_tasks)``: over 600+ tasks it is accurate, and papers
 report it so, which makes figures comparable.
+
+Every result names its protocol: ``non-transductive`` (each query scored from the support set
+and itself alone) or ``transductive`` (batch norm over each task's query set, as Finn et al.
+evaluated MAML); see :meth:`kshot.learners.base.Learner.inference`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from kshot.config import MIN_TEST_TASKS, TrainConfig
 from kshot.data import SPLIT_FILE_DATASETS
 from kshot.data.multisource import SOURCE_SEPARATOR
 from kshot.errors import CheckpointError, ConfigError, DataError
-from kshot.learners.base import Learner
+from kshot.learners.base import Learner, protocol_name
 from kshot.recsys import RatingReport, evaluate_rating_learner, is_rating_dataset
 from kshot.rl import POLICY_LEARNERS, PolicyEvaluation
 from kshot.rl.plots import plot_returns
@@ -47,6 +51,12 @@ class EvalResult:
     accuracies: np.ndarray
     losses: np.ndarray
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    #: whether queries were normalised by their own batch (see the module docstring)
+    transductive: bool = False
+
+    @property
+    def protocol(self) -> str:
+        return protocol_name(self.transductive)
 
     @property
     def n_tasks(self) -> int:
@@ -74,12 +84,13 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {"acc": self.mean, "acc_ci95": self.ci95, "loss": self.loss, "loss_ci95": self.loss_ci95,
-                "tasks": self.n_tasks, **{k: float(np.mean(v)) for k, v in self.metrics.items()}}
+                "tasks": self.n_tasks, "transductive": self.transductive,
+                **{k: float(np.mean(v)) for k, v in self.metrics.items()}}
 
     def __str__(self) -> str:
         if self.is_regression:
-            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} over {self.n_tasks} tasks"
-        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f} % over {self.n_tasks} tasks"
+            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} over {self.n_tasks} tasks ({self.protocol})"
+        return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f} % over {self.n_tasks} tasks ({self.protocol})"
 
 
 def confidence_interval(values: Sequence[float] | np.ndarray, z: float = 1.96) -> float:
@@ -92,7 +103,7 @@ def confidence_interval(values: Sequence[float] | np.ndarray, z: float = 1.96) -
 
 def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device = "cpu",
              progress: bool = False, desc: str = "evaluating", trace: bool = False,
-             dist: Distributed | None = None) -> EvalResult:
+             dist: Distributed | None = None, transductive: bool | None = None) -> EvalResult:
     """Adapt ``learner`` to each task's support set and score it on the task's queries.
 
     The learner is put in eval mode for the duration (batch norm uses its running statistics
@@ -107,12 +118,21 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
     In a distributed run (``dist``), each rank evaluates its share of the (sized) task sequence
     and every rank gets the whole result, per-task figures in task order, as one process
     would; the inner-loop ``trace`` is then left out.
+
+    ``transductive`` chooses the protocol (None: the learner's own; True needs a learner with
+    batch norm on the batch, and is refused with one line for the others).
     """
     own = getattr(learner, "evaluate_tasks", None)
     if own is not None:  # policies: returns after each adaptation step, from their own rollouts
         return own(tasks, device=device, progress=progress, desc=desc, trace=trace)
     if dist is not None and dist.enabled:
-        return _evaluate_shared(learner, tasks, dist, device=device, progress=progress, desc=desc)
+        return _evaluate_shared(learner, tasks, dist, device=device, progress=progress, desc=desc,
+                                transductive=transductive)
+    with learner.inference(transductive):
+        return _evaluate(learner, tasks, device, progress, desc, trace)
+
+
+def _evaluate(learner: Learner, tasks: Iterable[Task], device, progress: bool, desc: str, trace: bool) -> EvalResult:
     was_training = learner.training
     learner.eval()
     accs, losses = [], []
@@ -133,7 +153,8 @@ def evaluate(learner: Learner, tasks: Iterable[Task], device: str | torch.device
     finally:
         learner.train(was_training)
     return EvalResult(np.array(accs, dtype=np.float64), np.array(losses),
-                      {k: np.array(v) for k, v in traced.items() if len(v) == len(losses)})
+                      {k: np.array(v) for k, v in traced.items() if len(v) == len(losses)},
+                      transductive=learner.transductive)
 
 
 def _evaluate_shared(learner: Learner, tasks: Sequence[Task], dist: Distributed, **kwargs) -> EvalResult:
@@ -143,7 +164,7 @@ def _evaluate_shared(learner: Learner, tasks: Sequence[Task], dist: Distributed,
     rows = torch.stack([torch.as_tensor(mine.accuracies, dtype=torch.float64),
                         torch.as_tensor(mine.losses, dtype=torch.float64)], 1).reshape(-1, 2)
     gathered = dist.gather_shares(rows, len(tasks)).numpy()
-    return EvalResult(gathered[:, 0].copy(), gathered[:, 1].copy())
+    return EvalResult(gathered[:, 0].copy(), gathered[:, 1].copy(), transductive=mine.transductive)
 
 
 @dataclass
@@ -177,16 +198,18 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
                         dataset: str | None = None, protocol: str | None = None,
                         image_size: int | None = None, data_dir: str | None = None,
                         cache_dir: str | None = None, data_path: str | None = None, device: str = "cpu",
-                        progress: bool = False, steps: int = 3, plot: str | os.PathLike | None = None
-                        ) -> CheckpointEvaluation:
+                        progress: bool = False, steps: int = 3, plot: str | os.PathLike | None = None,
+                        transductive: bool | None = None) -> CheckpointEvaluation:
     """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
 
     Unset options take the run's own settings (its test ways and shots, its dataset and split
-    protocol, whether its tasks came from one class group); ``dataset`` evaluates across domains,
+    protocol, whether its tasks came from one class group, whether it was trained and validated
+    transductively); ``dataset`` evaluates across domains,
     ``data_path`` finds a run's own folder or table where it is now. The checkpoint's data and
     cache directories are never used (``data_dir`` / ``cache_dir``, else the environment's and the
     defaults), nor is its class split file ever written: it must exist, as recorded or beside the
-    checkpoint. Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
+    checkpoint. Any number of ways works: learners with a trained head start tasks of other
+    ways from a head of prototypes. Refuses fewer than ``MIN_TEST_TASKS`` tasks: fewer give intervals too wide to compare.
 
     A policy (``kshot.rl``) is tested on fixed tasks of its environment family: the average
     return after 0, 1, ..., ``steps`` adaptation steps, plotted to ``plot`` (a PNG; default
@@ -222,15 +245,15 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
         return _evaluate_ratings(learner, config, ckpt, checkpoint, split, shots, seed, device, progress)
     task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
-    result = evaluate(learner, task_set, device=device, progress=progress)
+    result = evaluate(learner, task_set, device=device, progress=progress, transductive=transductive)
     described = (f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
-                 f"{split}: {shape}")
+                 f"{split}: {shape}; {result.protocol} predictions")
     variable = episodes == "variable"
     record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split,
               "episodes": episodes, "ways": None if variable else ways,
               "shots": None if variable else shots, "queries": None if variable else queries,
               "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
-              **result.summary()}
+              "inference": result.protocol, **result.summary()}
     return CheckpointEvaluation(result, described, record)
 
 

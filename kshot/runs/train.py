@@ -34,6 +34,7 @@ from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS
 from kshot.errors import CheckpointError, ConfigError, KshotError, TrainingError
 from kshot.learners import Learner
+from kshot.learners.base import protocol_name
 from kshot.runs.build import (algorithms, build_learner, check_config, checkpoint_extra, evaluation_tasks,
                               load_split, non_finite_weights, resolve_device, training_tasks)
 from kshot.runs.evaluate import EvalResult, evaluate
@@ -129,7 +130,7 @@ class Trainer:
         self.sampler = sampler if sampler is not None else training_tasks(config)
         self._val_tasks, self._test_tasks = val_tasks, test_tasks
         if learner is None:
-            learner = build_learner(config, self.sampler.example_shape)
+            learner = build_learner(config, self.sampler.example_shape, source=self.sampler)
         self.learner = learner.to(self.device)
         if self.learner.takes_outer_step and self.dist.world_size > 1:
             raise ConfigError(f"{config.algo} takes its outer step itself and does not train distributed yet; "
@@ -269,7 +270,11 @@ class Trainer:
                               f"to come. Resume with --steps {saved.get('steps')}, or train with "
                               f"--lr-schedule constant or step (whose rate does not depend on --steps), "
                               f"or start a new --run-dir")
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        # A setting newer than the checkpoint is not compared: the run was trained as that setting's
+        # value reproduces (an older MAML run, transductively, as its preset now says explicitly).
+        written = set(ckpt.config or {})
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and k in written
+                         and saved.get(k) != now[k])
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
             raise ConfigError(f"{self.run_dir} holds a run with other settings ({diffs}); "
@@ -355,11 +360,13 @@ class Trainer:
                     group["lr"] = learning_rate(c, step)
                 batch = [t.to(self.device, non_blocking=True) for t in batch]
                 if self.learner.takes_outer_step:  # e.g. TRPO: its own line search
+                    self.learner.set_training_step(step)
                     metrics = self.learner.outer_step(batch, self.optimizer)
                     self._check_finite(step, metrics, [])
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
                     statistics = self.dist.snapshot_statistics(self.learner)
+                    self.learner.set_training_step(step)  # schedules over training (MAML++)
                     metrics = self.learner.meta_gradient(batch)
                     # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
                     # merged: every rank then holds the state one process would have.
@@ -416,14 +423,15 @@ class Trainer:
             if self._is_better(result):
                 self.best_val = {"step": self.step, **result}
                 self._save(self.best_path, with_optimizer=False)
+            protocol = f", {protocol_name(result['transductive'])}" if "transductive" in result else ""
             if self.progress and "return" in result:
                 tqdm.write(f"step {self.step}: val return {result['return']:.3f} ± {result['return_ci95']:.3f} "
                            f"after {result['return_step']} adaptation steps")
             elif self.progress and math.isnan(result["acc"]):
-                tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}")
+                tqdm.write(f"step {self.step}: val loss {result['loss']:.4f} ± {result['loss_ci95']:.4f}{protocol}")
             elif self.progress:
                 tqdm.write(f"step {self.step}: val acc {100 * result['acc']:.2f} ± "
-                           f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}")
+                           f"{100 * result['acc_ci95']:.2f} %, loss {result['loss']:.4f}{protocol}")
 
     def _val_dataset(self):
         sampler = getattr(self._val_tasks, "sampler", None)

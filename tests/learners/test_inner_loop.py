@@ -1,5 +1,6 @@
 """The meta-gradient is right: against plain autograd through an unrolled loop, against finite
-differences, and first-order MAML differs from it by exactly the second-order term."""
+differences of an objective written without kshot, and first-order MAML differs from it by
+exactly the second-order term; Meta-SGD's and ANIL's against their own unrolled references."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from kshot.learners import ANIL, FOMAML, MAML, MetaSGD
-from kshot.learners.inner_loop import InnerLoop
 from kshot.tasks import Task
+from maml_references import batch_norm_inputs, normalised_by, sgd_steps
 
-
-# Tiny models: more threads only wait for each other (badly so on a shared machine).
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Tiny models: more threads only wait for each other (badly so on a shared machine). A vmap test
+# that silently fell back to the loop would compare the loop with itself: the fallback's warning
+# is an error here.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("error:.*cannot be batched over tasks with vmap")]
 
 
 def tiny_mlp(seed: int = 0) -> nn.Sequential:
@@ -71,19 +75,34 @@ def unrolled_reference(w1, b1, w2, b2, tasks, steps, lr, first_order=False):
     return torch.cat([t.grad.reshape(-1) for t in leaves])
 
 
-def meta_loss_value(learner, flat: torch.Tensor, tasks) -> float:
-    """The meta-objective at the parameters ``flat`` (for finite differences)."""
+def objective(model: nn.Module, flat: torch.Tensor, tasks, steps: int, lr: float, transductive: bool,
+              prototype_head: bool = False) -> float:
+    """The MAML meta-objective at the parameters ``flat``, written without kshot (for finite
+    differences): plain SGD steps through ``functional_call``, the queries normalised by their
+    own batch or by the support set's statistics; optionally from Proto-MAML's head."""
     params, i = {}, 0
-    for name, p in learner.model.named_parameters():
-        params[name] = flat[i:i + p.numel()].view_as(p).detach().requires_grad_()
+    for name, p in model.named_parameters():
+        params[name] = flat[i:i + p.numel()].view_as(p).detach().clone().requires_grad_()
         i += p.numel()
-    inner = InnerLoop(learner.generic_forward, F.cross_entropy, list(params))
     total = 0.0
     for task in tasks:
-        result = inner.adapt(params, task.support_x, task.support_y, learner.inner_steps, learner.inner_lr,
-                             create_graph=False)
+        start = dict(params)
+        if prototype_head:
+            with torch.no_grad():
+                body = {n: v for n, v in params.items() if not n.startswith("5.")}  # tiny_cnn's head is layer 5
+                z = functional_call(model[:-1], body, (task.support_x,))
+                ways = len(task.classes)
+                mu = torch.stack([z[task.support_y == c].mean(0) for c in range(ways)])
+            start = {**start, "5.weight": (2 * mu).requires_grad_(), "5.bias": (-(mu ** 2).sum(1)).requires_grad_()}
+        with torch.enable_grad():
+            adapted = sgd_steps(model, start, task.support_x, task.support_y, steps, lr)[-1]
         with torch.no_grad():
-            total += F.cross_entropy(learner.generic_forward(result.params, task.query_x), task.query_y).item()
+            adapted = {n: p.detach() for n, p in adapted.items()}
+            if transductive:
+                out = functional_call(model, adapted, (task.query_x,))
+            else:
+                out = normalised_by(model, adapted, batch_norm_inputs(model, adapted, task.support_x), task.query_x)
+            total += F.cross_entropy(out, task.query_y).item()
     return total / len(tasks)
 
 
@@ -102,12 +121,19 @@ def test_second_order_meta_gradient_equals_autograd_through_an_unrolled_loop(mod
     assert (reference - first_order).abs().max() > 1e-3  # the check above would notice a first-order bug
 
 
-@pytest.mark.parametrize("make_model", [tiny_mlp, tiny_cnn], ids=["mlp", "cnn-batchnorm"])
-def test_second_order_meta_gradient_matches_finite_differences(make_model):
+@pytest.mark.parametrize("make_model, transductive, head_init", [
+    (tiny_mlp, False, "learned"), (tiny_cnn, True, "learned"), (tiny_cnn, False, "learned"),
+    (tiny_cnn, False, "prototypes")], ids=["mlp", "cnn-batchnorm-transductive", "cnn-batchnorm-support-statistics",
+                                          "cnn-proto-maml"])
+def test_second_order_meta_gradient_matches_finite_differences(make_model, transductive, head_init):
+    # The objective is written without kshot (see `objective`): this checks what kshot optimises
+    # (queries normalised by the support set's statistics at the adapted parameters, or by
+    # their own batch; Proto-MAML's head) as well as its gradient.
     model = make_model()
     shape = (2,) if make_model is tiny_mlp else (1, 4, 4)
     tasks = classification_tasks(2, shape=shape)
-    learner = MAML(model, inner_steps=2, inner_lr=0.3, batch_tasks="loop")
+    learner = MAML(model, inner_steps=2, inner_lr=0.3, batch_tasks="loop", transductive=transductive,
+                   head_init=head_init)
     analytic = meta_grad(learner, tasks)
     theta = torch.cat([p.detach().reshape(-1) for p in learner.model.parameters()])
     # Directional derivatives along random directions and along the gradient itself.
@@ -115,9 +141,10 @@ def test_second_order_meta_gradient_matches_finite_differences(make_model):
     directions = [torch.randn(len(theta), generator=g, dtype=theta.dtype) for _ in range(6)]
     directions.append(analytic / analytic.norm())
     eps = 1e-6
+    prototypes = head_init == "prototypes"
     for d in directions:
-        numeric = (meta_loss_value(learner, theta + eps * d, tasks)
-                   - meta_loss_value(learner, theta - eps * d, tasks)) / (2 * eps)
+        numeric = (objective(model, theta + eps * d, tasks, 2, 0.3, transductive, prototypes)
+                   - objective(model, theta - eps * d, tasks, 2, 0.3, transductive, prototypes)) / (2 * eps)
         assert abs(numeric - float(analytic @ d)) <= 1e-5 * max(1.0, abs(numeric))
 
 
@@ -187,6 +214,73 @@ def test_fast_meta_gradient_equals_the_textbook_loop_through_adapt(cls):
     textbook = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in learner.parameters()])
     torch.testing.assert_close(fast, textbook, rtol=0, atol=1e-10)
+
+
+def test_meta_sgd_meta_gradient_equals_an_unrolled_loop_with_per_entry_rates():
+    # Independent of kshot: theta_{k+1} = theta_k - alpha (entry-wise) * grad, second order;
+    # both the initialisation's and the rates' gradients are compared.
+    model = tiny_mlp()
+    tasks = classification_tasks(3)
+    learner = MetaSGD(model, inner_steps=2, inner_lr=0.1, metasgd_lr_high=0.5, batch_tasks="loop")
+    names = [n for n, _ in model.named_parameters()]
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    alpha = [learner.inner_lrs[n.replace(".", "__")].detach().clone().requires_grad_() for n in names]
+
+    def net(p, x):
+        return torch.tanh(x @ p[0].T + p[1]) @ p[2].T + p[3]
+
+    total = 0
+    for task in tasks:
+        p = theta
+        for _ in range(2):
+            g = torch.autograd.grad(F.cross_entropy(net(p, task.support_x), task.support_y), p, create_graph=True)
+            p = [w - a * gw for w, a, gw in zip(p, alpha, g)]
+        total = total + F.cross_entropy(net(p, task.query_x), task.query_y)
+    (total / len(tasks)).backward()
+    learner.zero_grad(set_to_none=True)
+    learner.meta_gradient(tasks)
+    for name, t, a in zip(names, theta, alpha):
+        torch.testing.assert_close(dict(learner.model.named_parameters())[name].grad, t.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(learner.inner_lrs[name.replace(".", "__")].grad, a.grad, rtol=0, atol=1e-12)
+    assert min(float(a.grad.abs().max()) for a in alpha) > 1e-4  # the rates' gradients are checked, not zeros
+
+
+def test_anil_meta_gradient_reaches_the_body_through_the_second_order_term():
+    # ANIL adapts only the head, on features computed once; its body gradient has a first-order
+    # part (the query loss reads the features) and a second-order part (the head's steps depend
+    # on the support features). The reference below is written by hand; the first-order body
+    # gradient differs from it, so the comparison tells first from second order.
+    model = tiny_cnn()
+    tasks = classification_tasks(2, shape=(1, 4, 4))
+    body = [p.detach().clone().requires_grad_() for p in model[:-1].parameters()]
+    head = [p.detach().clone().requires_grad_() for p in model[-1].parameters()]
+    body_names = [n for n, _ in model[:-1].named_parameters()]
+
+    def reference(create_graph: bool) -> list[torch.Tensor]:
+        total = 0
+        for task in tasks:
+            features = {}
+            for split, x in (("support", task.support_x), ("query", task.query_x)):
+                features[split] = functional_call(model[:-1], dict(zip(body_names, body)), (x,))
+            w, b = head
+            for _ in range(2):
+                loss = F.cross_entropy(features["support"] @ w.T + b, task.support_y)
+                gw, gb = torch.autograd.grad(loss, (w, b), create_graph=create_graph)
+                w, b = w - 0.3 * gw, b - 0.3 * gb
+            total = total + F.cross_entropy(features["query"] @ w.T + b, task.query_y)
+        return torch.autograd.grad(total / len(tasks), body)
+
+    second, first = reference(True), reference(False)
+    learner = ANIL(model, inner_steps=2, inner_lr=0.3, batch_tasks="loop", transductive=True)
+    learner.meta_gradient(tasks)
+    ours = [p.grad for p in learner.model[:-1].parameters()]
+    differs = 0.0
+    for name, got, want, fo in zip(body_names, ours, second, first):
+        if name == "0.bias":  # batch norm removes the conv bias: exactly zero (up to rounding) in both
+            continue
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        differs = max(differs, float((want - fo).abs().max()))
+    assert differs > 1e-4
 
 
 def test_inner_loop_functional_and_autograd_gradients_agree():

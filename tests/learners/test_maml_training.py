@@ -66,6 +66,27 @@ def test_meta_sgd_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_mamlpp_run_resumes_to_the_same_weights(tmp_path):
+    # Every MAML++ option on, and schedules that change within the run (the multi-step loss, the
+    # switch to second order, the cosine rate): stopped and resumed, it ends where one run does.
+    config = resolve_config(overrides=dict(
+        algo="maml", backbone_options={"hidden": 4}, ways=5, shots=1, queries=1, meta_batch_size=2, inner_steps=2,
+        inner_lr=0.1, multi_step_loss=4, per_step_lr=True, per_step_bn=True, per_step_bn_stats=True,
+        second_order_after=3, lr_schedule="cosine", steps=6, val_every=0, test_tasks=0, checkpoint_every=2,
+        log_every=1))
+    straight = train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "resumed", progress=False, stop_after=3)
+    resumed = train(config, tmp_path / "resumed", progress=False)
+    assert straight.step == resumed.step == 6
+    a = load_checkpoint(tmp_path / "straight" / "last.safetensors").state_dict
+    b = load_checkpoint(tmp_path / "resumed" / "last.safetensors").state_dict
+    assert set(a) == set(b) and any(k.startswith("step_statistics.") for k in a) and any("step_lrs" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [("multi_step_loss" in r) for r in records if r["split"] == "train"] == [True] * 4 + [False] * 2
+
+
 def test_cli_trains_and_evaluates_maml_on_omniglot(tmp_path):
     run_dir = tmp_path / "omniglot"
     result = kshot("train", "--algo", "fomaml", "--ways", "5", "--shots", "1", "--queries", "2",
@@ -73,14 +94,23 @@ def test_cli_trains_and_evaluates_maml_on_omniglot(tmp_path):
                    "--inner-steps", "2", "--test-inner-steps", "3", "--val-every", "2", "--val-tasks", "4",
                    "--test-tasks", "0", "--log-every", "2", "--threads", "1", "--quiet", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
-    assert re.search(r"best meta-validation: \d+\.\d+ ± \d+\.\d+ %", result.stdout), result.stdout
+    assert re.search(r"best meta-validation: \d+\.\d+ ± \d+\.\d+ % at step \d \(5-way 1-shot\), non-transductive",
+                     result.stdout), result.stdout
     val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
            if '"val"' in line]
     assert {"query_acc_step0", "query_acc_step3", "support_loss_step3"} <= set(val[-1])
     assert "query_acc_step4" not in val[-1]  # test-time steps: 3
-    evaluated = kshot("eval", str(run_dir), "--tasks", "600", "--queries", "1", "--quiet")
+    assert val[-1]["transductive"] is False
+    # The transductive protocol on request (the run was validated non-transductively, above), and
+    # tasks of more ways than the 5-way head (once a crash).
+    evaluated = kshot("eval", str(run_dir), "--tasks", "600", "--queries", "1", "--ways", "7", "--transductive",
+                      "--quiet", "--out", str(tmp_path / "eval.json"))
     assert evaluated.returncode == 0, evaluated.stderr
-    assert re.search(r"accuracy \d+\.\d+ ± \d+\.\d+ % \(95% CI over 600 tasks\)", evaluated.stdout)
+    assert "7-way 1-shot, 1 queries per class; transductive predictions" in evaluated.stdout
+    assert re.search(r"accuracy \d+\.\d+ ± \d+\.\d+ % \(95% CI over 600 tasks\), transductive", evaluated.stdout)
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["ways"] == 7 and record["transductive"] is True and record["inference"] == "transductive"
+    assert record["acc"] > 1.5 / 7  # prototype heads on 7 classes, well above chance
 
 
 def test_cli_reports_mse_for_regression_and_refuses_bad_settings(tmp_path):
@@ -88,11 +118,13 @@ def test_cli_reports_mse_for_regression_and_refuses_bad_settings(tmp_path):
     result = kshot("train", "--preset", "maml-sinusoid-5shot", "--steps", "6", "--val-every", "3",
                    "--val-tasks", "10", "--test-tasks", "600", "--log-every", "3", "--quiet", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
-    assert re.search(r"meta-test \(600 tasks, 1-way 5-shot\): MSE \d+\.\d+ ± \d+\.\d+", result.stdout), result.stdout
+    assert re.search(r"meta-test \(600 tasks, 1-way 5-shot\): MSE \d+\.\d+ ± \d+\.\d+, non-transductive",
+                     result.stdout), result.stdout
+    assert json.loads((run_dir / "results.json").read_text())["test"]["transductive"] is False
     evaluated = kshot("eval", str(run_dir), "--tasks", "600", "--queries", "50", "--quiet")
     assert evaluated.returncode == 0, evaluated.stderr
     assert re.search(r"MSE \d+\.\d+ ± \d+\.\d+ \(95% CI over 600 tasks\)", evaluated.stdout), evaluated.stdout
-    for args, pattern in ((["--algo", "maml", "--test-ways", "20"], "cannot be tested on 20-way"),
+    for args, pattern in ((["--algo", "maml", "--head-init", "zeros"], "head_init learned or prototypes"),
                           (["--algo", "maml", "--batch-tasks", "sometimes"], "unknown batch_tasks"),
                           (["--algo", "metasgd", "--inner-lr", "0"], "inner_lr must be positive")):
         bad = kshot("train", *args, "--steps", "1", "--run-dir", str(tmp_path / "bad"), "--quiet")

@@ -14,8 +14,10 @@ from kshot.models import create_model
 from kshot.tasks import TaskSampler
 
 
-# Tiny models: more threads only wait for each other (badly so on a shared machine).
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Tiny models: more threads only wait for each other (badly so on a shared machine). A vmap test
+# that silently fell back to the loop would compare the loop with itself.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("error:.*cannot be batched over tasks with vmap")]
 
 
 def sgd_by_hand(model, x, y, steps, lr, loss_fn):
@@ -48,16 +50,26 @@ def test_reptile_gradient_is_theta_minus_mean_adapted_weights(mode):
 
 
 def test_reptile_outer_step_moves_towards_the_adapted_weights(omniglot):
+    # The trainer's SGD step with rate epsilon must land at theta + epsilon (mean(phi) - theta),
+    # phi computed by plain SGD on a copy of the module: the wrong sign or scale fails. In float64:
+    # in float32 on one thread, PyTorch's channels-last batch norm (kshot's fast path) sums the
+    # batch statistics ~30x less accurately than its NCHW kernel, and two steps amplify that.
     torch.manual_seed(0)
-    learner = Reptile(create_model("conv4", hidden=8, out_features=5, image_size=28), inner_steps=2,
+    learner = Reptile(create_model("conv4", hidden=8, out_features=5, image_size=28).double(), inner_steps=2,
                       inner_lr=0.1)
-    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
-    tasks = TaskSampler(omniglot("train"), 5, 1, 2, seed=0).meta_batch(0, [0, 1])
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    tasks = [type(t)(t.support_x.double(), t.support_y, t.query_x.double(), t.query_y, t.classes)
+             for t in TaskSampler(omniglot("train"), 5, 1, 2, seed=0).meta_batch(0, [0, 1])]
+    adapted = [sgd_by_hand(learner.model, torch.cat([t.support_x, t.query_x]), torch.cat([t.support_y, t.query_y]),
+                           2, 0.1, F.cross_entropy) for t in tasks]
     learner.meta_gradient(tasks)
-    optimizer = torch.optim.SGD(learner.parameters(), lr=1.0)  # epsilon = 1: theta becomes mean(phi)
-    optimizer.step()
-    moved = sum((p.detach() - before[n]).abs().sum() for n, p in learner.named_parameters())
-    assert moved > 0
+    epsilon = 0.5
+    torch.optim.SGD(learner.parameters(), lr=epsilon).step()
+    for name, p in learner.model.named_parameters():
+        phi = torch.stack([a[name].detach() for a in adapted]).mean(0)
+        torch.testing.assert_close(p.detach(), before[name] + epsilon * (phi - before[name]), rtol=0, atol=1e-9)
+    moved = max(float((p.detach() - before[n]).abs().max()) for n, p in learner.model.named_parameters())
+    assert moved > 1e-3
     learner.eval()
     with torch.no_grad():
         predictor = learner.adapt(tasks[0].support_x, tasks[0].support_y)

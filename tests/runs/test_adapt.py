@@ -19,6 +19,7 @@ from kshot.config import TrainConfig
 from kshot.data.images import ImageFormat
 from kshot.errors import DataError
 from kshot.learners import LEARNERS
+from maml_references import adapted_probabilities
 
 CHARACTERS = [f"Tengwar/character{i:02d}" for i in range(1, 6)]  # a meta-test alphabet (Vinyals split)
 FOLDERS = [c.replace("/", "-") for c in CHARACTERS]
@@ -114,8 +115,8 @@ def test_unlabelled_queries_of_any_format_and_size(quick_run, user_folders, tmp_
     assert same >= 5
 
 
-def _untrained_checkpoint(algo: str, path, image_format=OMNIGLOT_FORMAT):
-    config = TrainConfig(algo=algo, ways=5, shots=1, queries=1, backbone_options={"hidden": 16})
+def _untrained_checkpoint(algo: str, path, image_format=OMNIGLOT_FORMAT, **settings):
+    config = TrainConfig(algo=algo, ways=5, shots=1, queries=1, backbone_options={"hidden": 16}, **settings)
     learner = LEARNERS[algo].from_config(config, OMNIGLOT_FORMAT.shape)
     save_checkpoint(path, learner, config=config.to_dict(),
                     extra={"image_format": image_format.to_dict()} if image_format else None)
@@ -133,6 +134,76 @@ def test_every_learner_kind_adapts_through_the_command(algo, user_folders, tmp_p
     assert len(rows) == 75
     probs = np.array([[float(r[f"p({f})"]) for f in FOLDERS] for r in rows])
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def seven_classes(tmp_path_factory, omniglot_pngs):
+    """Support (3 drawings) and labelled queries (2 drawings) of 7 unseen characters, and the
+    first 3 of them."""
+    root = tmp_path_factory.mktemp("seven")
+    characters = [f"Tengwar/character{i:02d}" for i in range(1, 8)]
+    for ways, chosen in ((7, characters), (3, characters[:3])):
+        omniglot_pngs(root / f"{ways}" / "support", chosen, drawings=range(3))
+        omniglot_pngs(root / f"{ways}" / "query", chosen, drawings=range(5, 7))
+    return root
+
+
+@pytest.mark.parametrize("ways", [3, 7])
+@pytest.mark.parametrize("algo", sorted(LEARNERS))
+def test_every_learner_adapts_to_fewer_and_more_classes_than_it_was_trained_on(algo, ways, seven_classes, tmp_path,
+                                                                                capsys):
+    """A 5-way checkpoint meets 3 and 7 classes: every row holds exactly one probability per
+    support class, under a header naming them, and names a class that exists."""
+    ckpt = _untrained_checkpoint(algo, tmp_path / f"{algo}.safetensors")
+    out = tmp_path / "p.csv"
+    folders = seven_classes / f"{ways}"
+    assert main(["adapt", str(ckpt), "--support", str(folders / "support"), "--query", str(folders / "query"),
+                 "--out", str(out)]) == 0
+    assert f"adapted {algo} to {ways} classes" in capsys.readouterr().out
+    names = sorted(p.name for p in (folders / "support").iterdir())
+    lines = list(csv.reader(out.open()))
+    assert lines[0] == ["file", "predicted", "true"] + [f"p({n})" for n in names]
+    assert len(lines) == 1 + 2 * ways and all(len(row) == 3 + ways for row in lines)
+    for row in read_csv(out):
+        probs = np.array([float(row[f"p({n})"]) for n in names])
+        assert abs(probs.sum() - 1) < 1e-4 and row["predicted"] == names[int(probs.argmax())]
+
+
+def test_maml_adapts_with_its_test_steps_and_each_file_alone(user_folders, tmp_path):
+    """``kshot adapt`` on a MAML checkpoint gives each file the probabilities of a reference
+    written with plain PyTorch (its test-time SGD steps on the support set, then batch norm by
+    the support set's statistics), whatever the other files and the batch size."""
+    ckpt = _untrained_checkpoint("maml", tmp_path / "maml.safetensors", inner_lr=0.4, test_inner_steps=2)
+    reader = InputReader.from_checkpoint(ckpt)
+    support = reader.read_support(user_folders / "support")
+    query = reader.read_query(user_folders / "query")
+    classes = sorted(set(support.labels))
+    support_y = torch.tensor([classes.index(c) for c in support.labels])
+    model = load_learner(ckpt).model
+    reference = {steps: adapted_probabilities(model.double(), support.x.double(), support_y, query.x.double(),
+                                              steps=steps, lr=0.4).numpy() for steps in (0, 1, 2)}
+    expected = dict(zip(query.names, reference[2]))
+    for fewer in (0, 1):  # adapting with fewer steps than the checkpoint's 2 would be caught
+        assert np.abs(reference[fewer] - reference[2]).max() > 1e-2
+    model.float()
+
+    one_class = tmp_path / "one-class"
+    (one_class / FOLDERS[1]).mkdir(parents=True)
+    for png in sorted((user_folders / "query" / FOLDERS[1]).glob("*.png"))[:2]:
+        (one_class / FOLDERS[1] / png.name).write_bytes(png.read_bytes())
+    runs = {}
+    for label, folder, batch in (("all", user_folders / "query", "256"), ("batch-1", user_folders / "query", "1"),
+                                 ("two files", one_class, "7")):
+        out = tmp_path / f"{label}.csv"
+        assert main(["adapt", str(ckpt), "--support", str(user_folders / "support"), "--query", str(folder),
+                     "--out", str(out), "--batch-size", batch]) == 0
+        runs[label] = {r["file"]: np.array([float(r[f"p({f})"]) for f in FOLDERS]) for r in read_csv(out)}
+    for name, probs in runs["all"].items():
+        # float32 against the float64 reference (batch norm amplifies rounding through the steps)
+        assert np.abs(probs - expected[name]).max() < 1e-3, name
+        assert np.abs(probs - runs["batch-1"][name]).max() <= 1.5e-6  # the CSV's 6 decimals, to rounding
+    for name, probs in runs["two files"].items():
+        assert np.abs(probs - runs["all"][name]).max() <= 1.5e-6
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -72,15 +74,26 @@ def test_sampling_is_uniform_over_classes(omniglot):
 
 def test_fixed_evaluation_tasks_are_the_same_on_every_machine(omniglot):
     tasks = fixed_tasks(omniglot("test"), 5, 1, 15, n_tasks=1000)
-    assert len(tasks) == 1000
-    assert torch.equal(tasks[999].query_x, tasks[999].query_x)
-    # Pinned: the first evaluation task of the Vinyals test split. NumPy's PCG64 stream and
-    # kshot's draw from it are platform-independent; a change here changes every reported number.
+    again = fixed_tasks(omniglot("test"), 5, 1, 15, n_tasks=1000)  # built anew: nothing shared but the seed
+    assert len(tasks) == 1000 and tasks.sampler.seed == EVAL_SEED
+    for i in (0, 999):
+        assert torch.equal(tasks[i].query_x, again[i].query_x) and torch.equal(tasks[i].support_y, again[i].support_y)
+    assert not torch.equal(tasks[0].query_x, tasks[1].query_x)
+    # Pinned: the classes and every example index of five evaluation tasks of the Vinyals test
+    # split. NumPy's PCG64 stream and kshot's draw from it are platform-independent; a change
+    # here changes every reported number.
     assert tasks[0].classes.tolist() == PINNED_FIRST_TASK_CLASSES
-    assert tasks.sampler.seed == EVAL_SEED
+    digest = hashlib.sha256()
+    for i in PINNED_TASKS:
+        for part in tasks.sampler.task_indices(i, 0):
+            digest.update(np.ascontiguousarray(part, dtype="<i8").tobytes())
+    assert digest.hexdigest() == PINNED_TASKS_SHA256
 
 
-PINNED_FIRST_TASK_CLASSES = [1372, 252, 1055, 1026, 1493]  # recorded with NumPy 2.4 on x86-64
+# Recorded with NumPy 2.4 on x86-64.
+PINNED_FIRST_TASK_CLASSES = [1372, 252, 1055, 1026, 1493]
+PINNED_TASKS = (0, 1, 2, 500, 999)
+PINNED_TASKS_SHA256 = "bf64d50bbc6c680b838395b7fc6642e4c6807df113fdd3191c3ba6b3c67486e2"
 
 
 def test_meta_batches_through_dataloader_workers_equal_direct_sampling(omniglot):

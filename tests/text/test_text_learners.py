@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kshot.data.text import Banking77, TextDataset
-from kshot.errors import ConfigError
+from kshot.errors import CheckpointError, ConfigError
 from kshot.learners import ProtoNet
 from kshot.models import create_model
 from kshot.runs.build import learner_from_checkpoint
@@ -67,7 +67,7 @@ def test_protonet_through_top_layers_trains_them_and_checkpoints_only_them(encod
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.embed(task.query_x), learner.embed(task.query_x))
     ckpt.learner["model"]["kwargs"]["sha256"] = "0" * 64  # made with other files
-    with pytest.raises(ConfigError, match="other|sha256"):
+    with pytest.raises(CheckpointError, match="other|sha256"):
         learner_from_checkpoint(ckpt)
 
 
