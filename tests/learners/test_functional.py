@@ -110,3 +110,44 @@ def test_split_head_composes_to_the_model():
     x = torch.randn(6, 1, 20, 20, dtype=torch.float64)
     torch.testing.assert_close(head(params, body(params, x)), model(x), rtol=0, atol=1e-12)
     assert split_head(nn.Linear(2, 2)) is None
+
+
+def test_filters_are_kept_channels_last_and_the_meta_gradient_is_unchanged(tmp_path):
+    """The fast forward stores 3x3 filters channels-last (as its activations run), so that oneDNN does
+    not convert them at every call; values, gradients and checkpoints are what NCHW filters give."""
+    from kshot.learners import MAML
+    from kshot.services.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    reference = create_model("conv4", hidden=8, out_features=3, image_size=28).double()
+    model = create_model("conv4", hidden=8, out_features=3, image_size=28).double()
+    model.load_state_dict(reference.state_dict())
+    learner = MAML(model, inner_steps=2, inner_lr=0.3)
+    filters = {n: p for n, p in learner.model.named_parameters() if p.dim() == 4}
+    first = min(filters)  # one input channel: an im2col product, whose layout does not matter
+    assert filters and all(p.is_contiguous(memory_format=torch.channels_last)
+                           for n, p in filters.items() if n != first)
+    assert not any(p.is_contiguous(memory_format=torch.channels_last)
+                   for p in reference.parameters() if p.dim() == 4 and p.shape[1] > 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.arange(9) % 3
+    ref_forward = FunctionalForward(reference)  # functional_call of the untouched NCHW module
+
+    def meta_gradient(forward, params):
+        fast = dict(params)
+        for _ in range(2):
+            loss = F.cross_entropy(forward(fast, x[:3]), y[:3])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True, allow_unused=True)
+            fast = {n: p - 0.3 * gr if gr is not None else p for (n, p), gr in zip(fast.items(), grads)}
+        return torch.autograd.grad(F.cross_entropy(forward(fast, x[3:]), y[3:]), list(params.values()),
+                                   allow_unused=True)
+
+    ours = meta_gradient(learner.forward, dict(learner.model.named_parameters()))
+    theirs = meta_gradient(ref_forward, dict(reference.named_parameters()))
+    for name, a, b in zip(dict(reference.named_parameters()), ours, theirs):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    path = save_checkpoint(tmp_path / "m.safetensors", learner)
+    for key, tensor in load_checkpoint(path).state_dict.items():
+        torch.testing.assert_close(tensor, learner.state_dict()[key], rtol=0, atol=0)
