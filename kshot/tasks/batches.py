@@ -13,14 +13,13 @@ exactly and splits across processes (and DataLoader workers) exactly as episodic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from kshot.data.base import FewShotDataset
 from kshot.errors import DataError
-from kshot.tasks.base import TaskStream
+from kshot.tasks.base import TaskSource
 
 
 @dataclass
@@ -37,7 +36,7 @@ class LabelledBatch:
         return LabelledBatch(self.x.to(device, non_blocking=non_blocking), self.y.to(device, non_blocking=non_blocking))
 
 
-class LabelledBatchSampler:
+class LabelledBatchSampler(TaskSource):
     """Epochs of shuffled labelled batches from a dataset, reproducibly from a seed.
 
     Args:
@@ -70,10 +69,6 @@ class LabelledBatchSampler:
                 f"seed={self.seed}, {len(self._examples)} examples per epoch)")
 
     @property
-    def example_shape(self) -> tuple[int, ...]:
-        return tuple(self.dataset.example_shape)
-
-    @property
     def examples_per_epoch(self) -> int:
         return len(self._examples)
 
@@ -103,13 +98,4 @@ class LabelledBatchSampler:
         x = self.dataset.load(self._examples[positions])
         return LabelledBatch(x, torch.from_numpy(self._labels[positions].copy()))
 
-    def meta_batch(self, step: int, indices: Sequence[int] | None = None) -> list[LabelledBatch]:
-        """Batches ``(step, i)`` for ``i`` in ``indices`` (default: the whole meta-batch)."""
-        if indices is None:
-            indices = range(self.meta_batch_size)
-        return [self.batch(step, i) for i in indices]
-
-    def stream(self, start: int = 0, stop: int | None = None,
-               indices: Sequence[int] | None = None) -> TaskStream:
-        """Meta-batches ``start..stop-1`` as an IterableDataset for a DataLoader."""
-        return TaskStream(self, start, stop, indices)  # type: ignore[arg-type]
+    task = batch  # a TaskSource whose tasks are batches: meta_batch, stream and iteration come with it

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from kshot.data.base import FewShotDataset
 from kshot.errors import ConfigError, DataError
-from kshot.tasks.base import TaskStream
+from kshot.tasks.base import TaskSource
 
 AUGMENTATIONS = ("none", "affine")
 
@@ -66,7 +65,7 @@ class PairBatch:
                          self.anchor_class, self.negative_class)
 
 
-class PairSampler:
+class PairSampler(TaskSource):
     """Draws balanced pair batches from a dataset, reproducibly from a seed.
 
     The anchor's class is uniform over the classes with at least two examples, the anchor and
@@ -112,10 +111,6 @@ class PairSampler:
         return (f"PairSampler({self.pairs} pairs, augment={self.augment}, seed={self.seed}, "
                 f"classes={len(self._nonempty)})")
 
-    @property
-    def example_shape(self) -> tuple[int, ...]:
-        return self.dataset.example_shape
-
     def rng(self, step: int, index: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), int(index)])
 
@@ -151,16 +146,7 @@ class PairSampler:
         return PairBatch(anchor, positive, negative, torch.from_numpy(classes[0]),
                          torch.from_numpy(classes[1]))
 
-    def meta_batch(self, step: int, indices: Sequence[int] | None = None) -> list[PairBatch]:
-        """Pair batches ``(step, i)`` for ``i`` in ``indices`` (default: the whole meta-batch)."""
-        if indices is None:
-            indices = range(self.meta_batch_size)
-        return [self.pair_batch(step, i) for i in indices]
-
-    def stream(self, start: int = 0, stop: int | None = None,
-               indices: Sequence[int] | None = None) -> TaskStream:
-        """Meta-batches ``start..stop-1`` as an IterableDataset for a DataLoader."""
-        return TaskStream(self, start, stop, indices)  # type: ignore[arg-type]
+    task = pair_batch  # a TaskSource whose tasks are pair batches: meta_batch, stream, iteration
 
 
 def _scaled(u: np.ndarray, n: np.ndarray | int) -> np.ndarray:
