@@ -56,7 +56,11 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     started = time.time()
     if not args.no_train:
-        result = train(config, run_dir, progress=not args.quiet)
+        try:
+            result = train(config, run_dir, progress=not args.quiet)
+        except KeyboardInterrupt:
+            print("interrupted: the same command resumes the run from its last checkpoint", file=sys.stderr)
+            return 130
         print(f"trained {result.step} steps in {result.seconds / 60:.1f} min (this session)")
     if config.threads:
         torch.set_num_threads(config.threads)

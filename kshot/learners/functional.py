@@ -192,8 +192,6 @@ class SequentialForward(FunctionalForward):
                 unused.add(f"{name}.bias")
             if isinstance(layer, nn.Conv2d):
                 self.ops.append(_conv(name, layer, first=not self.ops, bias=not drop_bias))
-                if not runs_as_matmul(layer):
-                    _store_channels_last(layer)
             elif isinstance(layer, nn.Linear):
                 self.ops.append(_linear(name, layer, bias=not drop_bias))
             elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -439,18 +437,6 @@ class _BatchNormBackward(torch.autograd.Function):
         grad_x = torch.addcmul(torch.addcmul(-s * h_mean, h, s), xh, -s * hx_mean - weight * k * s * s / n)
         grad_gy, grad_x = unrows(grad_gy), unrows(grad_x)
         return grad_gy, grad_x, grad_weight, None, None, None
-
-
-def _store_channels_last(layer: nn.Conv2d) -> None:
-    """Keep the filters in the activations' channels-last layout (same values, same gradients).
-
-    Otherwise oneDNN converts each NCHW filter at every call: 27 copies of a 64x64x3x3 filter per
-    second-order MAML task, 7% of its copies' time (benchmarks/maml_step_profile.py). Adapted
-    parameters, gradients, optimiser state and loaded checkpoints keep the layout.
-    """
-    if layer.weight.dim() == 4:
-        with torch.no_grad():
-            layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
 
 
 def _conv(name: str, layer: nn.Conv2d, first: bool, bias: bool):
