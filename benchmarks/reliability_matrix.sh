@@ -80,7 +80,7 @@ with safe_open("run/last.safetensors", framework="pt") as f:
 om = json.loads(header["optimizer"]); del om["slots"]; header["optimizer"] = json.dumps(om)
 save_file(tensors, "noslots.safetensors", metadata=header)
 PY
-run "/usr/bin/time -f 'peak %M KiB' kshot eval hidden.safetensors"
+run "env time -f 'peak %M KiB' kshot eval hidden.safetensors"
 run "kshot adapt size.safetensors --support sup --query q"
 for f in hot list shape step noslots; do run "kshot eval $f.safetensors"; done
 run "kshot eval paths.safetensors --tasks 600 $Q; ls elsewhere 2>&1"

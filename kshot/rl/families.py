@@ -186,62 +186,57 @@ class Navigation2DTasks(EnvFamily):
         return plot_navigation(learner, self.for_split("test").fixed_tasks(n_tasks), out)
 
 
-class HalfCheetahVelocityTasks(EnvFamily):
-    """Half-cheetah target velocity, uniform in [0, 2]; 200-step episodes (Finn et al. 2017)."""
+class MujocoFamily(EnvFamily):
+    """Tasks of one of kshot.rl.mujoco's environments (``env``), which need the ``rl`` extra:
+    checked when the family is made, so that a missing MuJoCo is one line, not a late ImportError."""
 
-    name = "halfcheetah-vel"
-    observation_dim = 17
-    action_dim = 6
+    env = ""
     default_horizon = 200
-    velocity_low, velocity_high = 0.0, 2.0
 
     def __init__(self, seed: int = 0, meta_batch_size: int = 1, horizon: int = 0):
         mujoco.require_mujoco(self.name)
         super().__init__(seed, meta_batch_size, horizon)
+
+    def make_env(self, task: dict | None = None):
+        return mujoco.make(self.env, task)
+
+
+class HalfCheetahVelocityTasks(MujocoFamily):
+    """Half-cheetah target velocity, uniform in [0, 2]; 200-step episodes (Finn et al. 2017)."""
+
+    name = "halfcheetah-vel"
+    env = "HalfCheetahVelocity"
+    observation_dim = 17
+    action_dim = 6
+    velocity_low, velocity_high = 0.0, 2.0
 
     def draw_task(self, rng: np.random.Generator) -> dict:
         return {"velocity": float(self.velocity_low + rng.random() * (self.velocity_high - self.velocity_low))}
 
-    def make_env(self, task: dict | None = None):
-        return mujoco.make("HalfCheetahVelocity", task)
+
+class DirectionFamily(MujocoFamily):
+    """Forward (1) or backward (-1), each with probability 1/2."""
+
+    def draw_task(self, rng: np.random.Generator) -> dict:
+        return {"direction": 1 if rng.random() < 0.5 else -1}
 
 
-class HalfCheetahDirectionTasks(EnvFamily):
+class HalfCheetahDirectionTasks(DirectionFamily):
     """Half-cheetah forward (1) or backward (-1), each with probability 1/2; 200-step episodes."""
 
     name = "halfcheetah-dir"
+    env = "HalfCheetahDirection"
     observation_dim = 17
     action_dim = 6
-    default_horizon = 200
-
-    def __init__(self, seed: int = 0, meta_batch_size: int = 1, horizon: int = 0):
-        mujoco.require_mujoco(self.name)
-        super().__init__(seed, meta_batch_size, horizon)
-
-    def draw_task(self, rng: np.random.Generator) -> dict:
-        return {"direction": 1 if rng.random() < 0.5 else -1}
-
-    def make_env(self, task: dict | None = None):
-        return mujoco.make("HalfCheetahDirection", task)
 
 
-class AntDirectionTasks(EnvFamily):
+class AntDirectionTasks(DirectionFamily):
     """Ant forward (1) or backward (-1); 200-step episodes."""
 
     name = "ant-dir"
+    env = "AntDirection"
     observation_dim = 27
     action_dim = 8
-    default_horizon = 200
-
-    def __init__(self, seed: int = 0, meta_batch_size: int = 1, horizon: int = 0):
-        mujoco.require_mujoco(self.name)
-        super().__init__(seed, meta_batch_size, horizon)
-
-    def draw_task(self, rng: np.random.Generator) -> dict:
-        return {"direction": 1 if rng.random() < 0.5 else -1}
-
-    def make_env(self, task: dict | None = None):
-        return mujoco.make("AntDirection", task)
 
 
 class GymFamily(EnvFamily):

@@ -103,49 +103,46 @@ def environment_classes() -> dict[str, type]:
             ctrl_cost = self.control_cost(action)
             return forward - ctrl_cost, {"reward_forward": forward, "reward_ctrl": -ctrl_cost}
 
-    class HalfCheetahDirection(CompiledOnce, HalfCheetahEnv):
-        """Half-cheetah rewarded for its velocity forward (direction 1) or backward (-1)."""
+    class Directed:
+        """The task of a direction family: 1 (forward) or -1 (backward), as ``set_task`` / ``get_task``."""
 
-        def __init__(self, task: dict | None = None, **kwargs):
-            super().__init__(ctrl_cost_weight=0.05, **kwargs)
-            self.direction = 1.0
-            if task is not None:
-                self.set_task(task)
+        direction = 1.0
 
         def set_task(self, task: dict) -> None:
             self.direction = _direction(task)
 
         def get_task(self) -> dict:
             return {"direction": self.direction}
+
+    class HalfCheetahDirection(Directed, CompiledOnce, HalfCheetahEnv):
+        """Half-cheetah rewarded for its velocity forward (direction 1) or backward (-1)."""
+
+        def __init__(self, task: dict | None = None, **kwargs):
+            super().__init__(ctrl_cost_weight=0.05, **kwargs)
+            if task is not None:
+                self.set_task(task)
 
         def _get_rew(self, x_velocity: float, action):
             forward = self.direction * x_velocity
             ctrl_cost = self.control_cost(action)
             return forward - ctrl_cost, {"reward_forward": forward, "reward_ctrl": -ctrl_cost}
 
-    class AntDirection(CompiledOnce, AntEnv):
+    class AntDirection(Directed, CompiledOnce, AntEnv):
         """Ant rewarded for its velocity forward (direction 1) or backward (-1)."""
 
         def __init__(self, task: dict | None = None, **kwargs):
             kwargs = {"ctrl_cost_weight": 0.005, "contact_cost_weight": 5e-4, "healthy_reward": 0.05,
                       "include_cfrc_ext_in_observation": False, **kwargs}
             super().__init__(**kwargs)
-            self.direction = 1.0
             if task is not None:
                 self.set_task(task)
-
-        def set_task(self, task: dict) -> None:
-            self.direction = _direction(task)
-
-        def get_task(self) -> dict:
-            return {"direction": self.direction}
 
         def _get_rew(self, x_velocity: float, action):
             return super()._get_rew(self.direction * x_velocity, action)
 
     classes = {"HalfCheetahVelocity": HalfCheetahVelocity, "HalfCheetahDirection": HalfCheetahDirection,
                "AntDirection": AntDirection}
-    for cls in (CompiledOnce, *classes.values()):
+    for cls in (CompiledOnce, Directed, *classes.values()):
         cls.__qualname__ = cls.__name__
     return classes
 
