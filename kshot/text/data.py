@@ -52,6 +52,14 @@ def encoder_for_record(record: dict, name_or_path: str | None = None) -> Sentenc
     return encoder
 
 
+def encoded_shape(encoder: SentenceEncoder, top_layers: int) -> tuple[int, ...]:
+    """The shape of one encoded text: a sentence embedding when nothing above the cut is trained,
+    else the bottom layers' token vectors with a mask column (``max_length x (1 + dim)``)."""
+    if top_layers == 0:
+        return (encoder.dim,)
+    return (encoder.max_length, 1 + encoder.dim)
+
+
 def pack_tokens(tokens: torch.Tensor, offsets: torch.Tensor, rows: np.ndarray | Sequence[int],
                 length: int = 0) -> torch.Tensor:
     """Ragged token vectors of ``rows`` as one padded batch ``[n, T, 1 + dim]`` (mask first).
@@ -172,9 +180,7 @@ class EncodedTexts(FewShotDataset):
 
     @property
     def example_shape(self) -> tuple[int, ...]:
-        if self.top_layers == 0:
-            return (self.encoder.dim,)
-        return (self.encoder.max_length, 1 + self.encoder.dim)
+        return encoded_shape(self.encoder, self.top_layers)
 
     def checkpoint_extra(self) -> dict:
         """The encoder (by name and file hash) and where it is cut: new text is encoded the same way."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kshot.errors import DataError
-from kshot.text.data import encode_texts, encoder_for_record
+from kshot.text.data import encode_texts, encoded_shape, encoder_for_record
 from kshot.text.encoder import SentenceEncoder
 
 TEXT_COLUMNS = ("text", "utterance", "sentence", "query")
@@ -137,9 +137,7 @@ class TextInputFormat:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        if self.top_layers == 0:
-            return (self.encoder.dim,)
-        return (self.encoder.max_length, 1 + self.encoder.dim)
+        return encoded_shape(self.encoder, self.top_layers)
 
     def describe(self) -> str:
         how = "sentence embeddings" if not self.top_layers else f"token vectors for its top {self.top_layers} layers"
