@@ -496,6 +496,15 @@ def _preset_named(words: list[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _run_command(argv)
+    from kshot.services import distributed
+
+    if distributed.joined_a_group():  # torchrun: see distributed.joined_a_group for why
+        distributed.end_process(code)
+    return code
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     global _HELP_PRESET
     _HELP_PRESET = _preset_named(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()

@@ -307,6 +307,25 @@ def test_torchrun_runs_kshot_train(tmp_path):
     assert load_checkpoint(run_dir / "last.safetensors").train_state["step"] == 3
 
 
+def test_end_process_keeps_what_was_printed_and_the_exit_status():
+    """kshot under torchrun leaves with os._exit (skipping torch's exit-time teardown, which can
+    abort a finished process): what was printed, still in the pipes' buffers, must get out, and
+    the status must be the command's."""
+    code = ("import sys\n"
+            "from kshot.services.distributed import end_process, joined_a_group\n"
+            "assert not joined_a_group()  # no process group was joined here\n"
+            "print('run directory: x'); sys.stdout.write('y' * 5000)\n"
+            "sys.stderr.write('kshot: error: z')\n"
+            "end_process(3)\n"
+            "print('not reached')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as usual
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "run directory: x\n" + "y" * 5000
+    assert proc.stderr == "kshot: error: z"
+
+
 @pytest.mark.parametrize("fault", ["dies", "hangs"])
 def test_a_failed_rank_stops_the_others_with_a_clear_error(fault, tmp_path):
     """A killed rank makes the other fail at its next all-reduce; a stuck one, after the timeout."""
