@@ -170,7 +170,8 @@ def run_eval(args: argparse.Namespace) -> int:
         split=args.split, seed=args.seed, within_groups=args.within_groups, episodes=args.episodes,
         dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
         data_dir=args.data_dir, cache_dir=args.cache_dir, data_path=args.data_path, device=args.device,
-        progress=not args.quiet, steps=args.steps, plot=args.plot, transductive=args.transductive)
+        progress=not args.quiet, steps=args.steps, plot=args.plot, transductive=args.transductive,
+        inner_steps=args.inner_steps)
     result = evaluation.result
     print(evaluation.description)
     if hasattr(result, "table"):  # a policy: the return after each adaptation step
@@ -218,6 +219,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="maml family, reptile: normalise each task's query set by its own batch-norm "
                         "statistics (Finn et al.'s protocol) or, --no-transductive, by the support set's "
                         "(default: as the run was trained)")
+    p.add_argument("--inner-steps", type=int, default=None, dest="inner_steps",
+                   help="maml family, reptile: gradient steps per task at test time (default: the "
+                        "run's test_inner_steps)")
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on "
                    "(cross-domain evaluation; a+b for tasks from each of several)")
     p.add_argument("--protocol", help="dataset split protocol")

@@ -199,12 +199,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
                         image_size: int | None = None, data_dir: str | None = None,
                         cache_dir: str | None = None, data_path: str | None = None, device: str = "cpu",
                         progress: bool = False, steps: int = 3, plot: str | os.PathLike | None = None,
-                        transductive: bool | None = None) -> CheckpointEvaluation:
+                        transductive: bool | None = None, inner_steps: int | None = None) -> CheckpointEvaluation:
     """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
 
     Unset options take the run's own settings (its test ways and shots, its dataset and split
     protocol, whether its tasks came from one class group, whether it was trained and validated
-    transductively); ``dataset`` evaluates across domains,
+    transductively, its test-time inner steps); ``inner_steps`` adapts a learner of the MAML family
+    or Reptile with that many gradient steps per task instead (papers report several numbers of
+    steps for one model); ``dataset`` evaluates across domains,
     ``data_path`` finds a run's own folder or table where it is now. The checkpoint's data and
     cache directories are never used (``data_dir`` / ``cache_dir``, else the environment's and the
     defaults), nor is its class split file ever written: it must exist, as recorded or beside the
@@ -227,6 +229,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     if ckpt.learner.get("algo") in POLICY_LEARNERS:
         return _evaluate_policy(checkpoint, ckpt, config, tasks, split, seed, steps, device, progress, plot)
     learner = learner_from_checkpoint(ckpt)
+    if inner_steps is not None:
+        _set_test_steps(learner, inner_steps, ckpt.learner.get("algo"))
     if dataset is not None and dataset != config.dataset and protocol is None:
         config.protocol = ""  # the trained dataset's protocol means nothing to another dataset
     overrides = {"dataset": dataset, "protocol": protocol, "data_dir": data_dir, "cache_dir": cache_dir,
@@ -246,15 +250,29 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
     result = evaluate(learner, task_set, device=device, progress=progress, transductive=transductive)
+    adapted = ((learner.test_inner_steps or learner.inner_steps) if hasattr(learner, "test_inner_steps")
+               else None)  # steps at test time
     described = (f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
-                 f"{split}: {shape}; {result.protocol} predictions")
+                 f"{split}: {shape}; {result.protocol} predictions"
+                 + (f", {adapted} inner step{'s' * (adapted != 1)} per task" if adapted else ""))
     variable = episodes == "variable"
     record = {"checkpoint": str(checkpoint), "algo": ckpt.learner["algo"], "split": split,
               "episodes": episodes, "ways": None if variable else ways,
               "shots": None if variable else shots, "queries": None if variable else queries,
               "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
-              "inference": result.protocol, **result.summary()}
+              "inference": result.protocol, **({"inner_steps": adapted} if adapted else {}),
+              **result.summary()}
     return CheckpointEvaluation(result, described, record)
+
+
+def _set_test_steps(learner: Learner, inner_steps: int, algo: str | None) -> None:
+    """Adapt with ``inner_steps`` gradient steps per task at test time."""
+    if not hasattr(learner, "test_inner_steps"):
+        raise ConfigError(f"--inner-steps: a {algo} learner does not adapt by gradient steps; it applies "
+                          f"to the maml family and reptile")
+    if isinstance(inner_steps, bool) or int(inner_steps) != inner_steps or inner_steps < 1:
+        raise ConfigError(f"--inner-steps must be a whole number of steps >= 1, not {inner_steps!r}")
+    learner.test_inner_steps = int(inner_steps)
 
 
 def _find_own_data(config, checkpoint: Path, given_path: bool) -> None:

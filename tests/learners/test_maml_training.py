@@ -113,6 +113,54 @@ def test_cli_trains_and_evaluates_maml_on_omniglot(tmp_path):
     assert record["ways"] == 7 and record["transductive"] is True and record["inference"] == "transductive"
     assert record["acc"] > 1.5 / 7  # prototype heads on 7 classes, well above chance
 
+    # Papers report one model after several numbers of test-time steps: --inner-steps.
+    one = kshot("eval", str(run_dir), "--tasks", "600", "--queries", "2", "--inner-steps", "1", "--transductive",
+                "--quiet", "--threads", "1", "--out", str(tmp_path / "one.json"))
+    assert one.returncode == 0, one.stderr
+    assert "transductive predictions, 1 inner step per task" in one.stdout, one.stdout
+    record = json.loads((tmp_path / "one.json").read_text())
+    assert record["inner_steps"] == 1
+    _holds_k_steps_to_a_plain_loop(run_dir, record, steps=1)
+    from kshot import evaluate_checkpoint
+
+    three = evaluate_checkpoint(run_dir, tasks=600, queries=2, transductive=True)  # the run's own 3 steps
+    assert three.record["inner_steps"] == 3 and three.record["acc"] != record["acc"]
+    _holds_k_steps_to_a_plain_loop(run_dir, three.record, steps=3)
+    for args, pattern in ((["--inner-steps", "0"], "--inner-steps must be a whole number of steps >= 1"),
+                          (["--inner-steps", "-2"], "--inner-steps must be")):
+        bad = kshot("eval", str(run_dir), "--tasks", "600", *args)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and re.search(pattern, bad.stderr), bad.stderr
+
+
+def _holds_k_steps_to_a_plain_loop(run_dir: Path, record: dict, steps: int, n_tasks: int = 12) -> None:
+    """An evaluation's figure is evaluate() of the saved learner with k test steps; and on its
+    first tasks, in float64, that is k plain SGD steps written here with torch.func (batch norm
+    on each batch: the transductive protocol), not kshot's inner loop."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from kshot import Task, evaluate, fixed_tasks, load_dataset, load_learner
+
+    tasks = fixed_tasks(load_dataset("omniglot", "test"), 5, 1, 2, 600)
+    learner = load_learner(run_dir)
+    learner.test_inner_steps, learner.transductive = steps, True
+    assert evaluate(learner, tasks).mean == pytest.approx(record["acc"], abs=1e-9)
+
+    learner = learner.double()
+    model, lr = learner.model, learner.inner_lr
+    first = [Task(t.support_x.double(), t.support_y, t.query_x.double(), t.query_y, t.classes)
+             for _, t in zip(range(n_tasks), tasks)]
+    by_task = []
+    for task in first:
+        params = dict(model.named_parameters())
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, params, (task.support_x,)), task.support_y)
+            grads = torch.autograd.grad(loss, list(params.values()))
+            params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+        with torch.no_grad():  # the query loss: accuracy could hide a difference
+            by_task.append(float(F.cross_entropy(functional_call(model, params, (task.query_x,)), task.query_y)))
+    assert evaluate(learner, first).losses.tolist() == pytest.approx(by_task, rel=1e-9, abs=1e-9)
+
 
 def test_cli_reports_mse_for_regression_and_refuses_bad_settings(tmp_path):
     run_dir = tmp_path / "sine"
