@@ -62,10 +62,13 @@ def test_one_shot_classification_of_unseen_alphabets(siamese_run, omniglot):
     learner = load_learner(siamese_run)
     tasks = fixed_tasks(omniglot("test", protocol="lake"), ways=5, shots=1, queries=5, n_tasks=40,
                         within_groups=True)
+    # 100 steps leave a weak model whose path depends on the CPU's float kernels: 1-shot 0.38 ±
+    # 0.05 with AVX-512, 0.45 ± 0.04 with AVX2 (ATEN_CPU_CAPABILITY); thresholds hold on both.
     result = evaluate(learner, tasks)
-    assert result.mean > 0.32, str(result)  # chance: 0.2 (this run: 0.45)
-    tasks5 = fixed_tasks(omniglot("test", protocol="lake"), ways=5, shots=5, queries=5, n_tasks=15)
-    assert evaluate(learner, tasks5).mean > 0.45  # this run: 0.62
+    assert result.mean > 0.30, str(result)  # chance: 0.2
+    tasks5 = fixed_tasks(omniglot("test", protocol="lake"), ways=5, shots=5, queries=5, n_tasks=100)
+    five = evaluate(learner, tasks5)  # across alphabets, 5 shots: 0.47 ± 0.03 (AVX-512), 0.55 ± 0.03 (AVX2)
+    assert five.mean > 0.38 and five.mean > result.mean, (five.mean, result.mean)
 
 
 def test_training_logs_pair_metrics(siamese_run):
