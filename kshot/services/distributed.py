@@ -479,7 +479,7 @@ def joined_a_group() -> bool:
 
     torch's own teardown of a gloo process group at interpreter exit, after
     ``destroy_process_group``, now and then aborts the process (SIGABRT, "terminate called without
-    an active exception", seen about once in 50 two-process runs on a loaded 2-core machine), so
+    an active exception": twice in about 95 two-process runs on a loaded 2-core machine), so
     that torchrun reports a finished run as failed. The command line ends such a process with
     :func:`end_process` instead.
     """
