@@ -416,6 +416,9 @@ def current(timeout: float = DEFAULT_TIMEOUT) -> Distributed:
     return single_process()
 
 
+_JOINED_A_GROUP = False  # set by launch(); read by joined_a_group()
+
+
 @contextmanager
 def launch(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT,
            meta_batch_size: int | None = None) -> Iterator[Distributed]:
@@ -469,9 +472,6 @@ def launch(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT,
         d.barrier()  # leave together: no rank tears its connections down under a busy peer
     finally:
         dist.destroy_process_group()
-
-
-_JOINED_A_GROUP = False
 
 
 def joined_a_group() -> bool:
