@@ -298,9 +298,20 @@ def test_torchrun_runs_kshot_train(tmp_path):
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             *_train_argv(run_dir, "--steps", "3", "--checkpoint-every", "2")]
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    # An exit hook in every rank, to see that the ranks end without the interpreter's teardown
+    # (where torch's gloo teardown now and then aborts a finished process; see end_process).
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os, pathlib\n"
+        "atexit.register(lambda: pathlib.Path(os.environ['KSHOT_TEST_EXITS'], "
+        "f\"{os.getpid()}.exited\").touch())\n")
+    env.update(KSHOT_TEST_EXITS=str(hooks), PYTHONPATH=os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")])))
     proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run directory:") == 1  # rank 0 reports, rank 1 stays quiet
+    exited = sorted(hooks.glob("*.exited"))
+    assert len(exited) == 1, exited  # torchrun's own agent ran its exit hooks; neither rank did
     assert [r["step"] for r in _records(run_dir)] == [1, 2, 3]  # logged once, not per rank
     from kshot.services.checkpoint import load_checkpoint
 
