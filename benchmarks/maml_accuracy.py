@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     else:
         test_set = load_dataset(config.dataset, "test", **dataset_settings(config))
         tasks = fixed_tasks(test_set, config.eval_ways, config.eval_shots, config.test_queries, args.tasks)
-    steps = [int(s) for s in args.test_steps.split(",") if s] or [learner.test_inner_steps or learner.inner_steps]
+    steps = [int(s) for s in args.test_steps.split(",") if s] or [learner.test_steps]
     description = PRESETS[args.preset][0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -461,9 +461,14 @@ class GradientLearner(Learner):
         return self.loss_name == "cross_entropy"
 
     @property
+    def test_steps(self) -> int:
+        """Inner steps at validation and test (``test_inner_steps``, 0 meaning as in training)."""
+        return self.test_inner_steps or self.inner_steps
+
+    @property
     def steps(self) -> int:
         """Inner steps now: the training number in training mode, the test number otherwise."""
-        return self.inner_steps if self.training else (self.test_inner_steps or self.inner_steps)
+        return self.inner_steps if self.training else self.test_steps
 
     @property
     def first_order_now(self) -> bool:

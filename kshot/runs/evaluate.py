@@ -250,8 +250,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     task_set, shape = evaluation_tasks(config, split, tasks, ways=ways, shots=shots, queries=queries,
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
     result = evaluate(learner, task_set, device=device, progress=progress, transductive=transductive)
-    adapted = ((learner.test_inner_steps or learner.inner_steps) if hasattr(learner, "test_inner_steps")
-               else None)  # steps at test time
+    adapted = getattr(learner, "test_steps", None)  # gradient learners: steps at test time
     described = (f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
                  f"{split}: {shape}; {result.protocol} predictions"
                  + (f", {adapted} inner step{'s' * (adapted != 1)} per task" if adapted else ""))
