@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kshot.config import MIN_TEST_TASKS, PRESETS, TrainConfig
-from kshot.errors import KshotError, KshotWarning
+from kshot.errors import KshotError, KshotWarning, TrainingStopped
 
 #: Subcommands contributed by other modules: name -> (add_arguments, run).
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
@@ -518,6 +518,9 @@ def _run_command(argv: Sequence[str] | None) -> int:
         warnings.simplefilter("always", KshotWarning)
         try:
             return int(args.run(args) or 0)
+        except TrainingStopped as e:  # asked to stop, and stopped cleanly: not an error
+            print(f"kshot: {e}", file=sys.stderr)
+            return e.exit_status
         except KshotError as e:
             from kshot.services.distributed import rank_label
 

@@ -75,6 +75,8 @@ class TrainConfig:
     inner_lr: float = 0.4  # maml family, reptile: inner learning rate (metasgd: its initial value)
     test_inner_steps: int = 0  # maml family, reptile: inner steps at validation/test (0: same as inner_steps)
     batch_tasks: str = "auto"  # maml family, reptile: loop | vmap | batched (MLPs) | auto (see docs/MAML.md)
+    inner_optimizer: str = "sgd"  # maml family, reptile: sgd | adam (beta1 0, beta2 0.999: Nichol et al.'s Reptile; fresh moments on each task)
+    inner_batch_size: int = 0  # maml family, reptile: examples per inner step, drawn without replacement from the task's (0: all of them)
     body_lr: float = 0.0  # finetune: learning rate of the encoder's top layers on the support set (0: the head only)
     head_l2: float = 0.0  # finetune: L2 penalty on the head's weights
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
@@ -155,6 +157,11 @@ class TrainConfig:
             raise ConfigError(f"inner_lr must be positive, not {self.inner_lr}")
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, not {self.seed}")
+        if self.inner_optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"unknown inner_optimizer {self.inner_optimizer!r}; choose sgd or adam")
+        if self.inner_batch_size < 0:
+            raise ConfigError(f"inner_batch_size must not be negative (0: the whole support set), "
+                              f"not {self.inner_batch_size}")
         if self.batch_tasks not in ("auto", "loop", "vmap", "batched"):
             raise ConfigError(f"unknown batch_tasks {self.batch_tasks!r}; choose auto, loop, vmap or batched")
         if self.optimizer not in ("adam", "adamw", "sgd"):

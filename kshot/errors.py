@@ -27,6 +27,20 @@ class TrainingError(KshotError):
     run directory cannot be written (read-only, full)."""
 
 
+class TrainingStopped(KshotError):
+    """A run stopped at a step boundary on a signal, its checkpoint written (the same command
+    resumes from there). The command line exits with the shell's status for that signal."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, as for a process the signal ended."""
+        return 128 + self.signal_number
+
+
 class DistributedError(KshotError):
     """The processes of a distributed run could not meet, or one of them failed or stopped."""
 

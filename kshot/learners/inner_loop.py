@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import math
 import os
 import platform
@@ -58,6 +59,7 @@ from kshot.errors import ConfigError
 from kshot.learners.base import Learner, Predictor, accuracy, check_classes, class_means
 from kshot.learners.functional import (Composed, Forward, FunctionalForward, Params, Statistics, batched_forward,
                                        functional_forward, head_layer, split_head, use_batch_statistics)
+from kshot.learners.inner_optimizers import InnerOptimizer, InnerSGD, make_inner_optimizer
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
@@ -151,9 +153,12 @@ class InnerLoop:
     """
 
     def __init__(self, forward: Forward, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 names: Sequence[str], unused: Sequence[str] = ()):
+                 names: Sequence[str], unused: Sequence[str] = (), optimizer: InnerOptimizer | None = None,
+                 batch_size: int = 0):
         self.forward, self.loss = forward, loss
         self.names = tuple(n for n in names if n not in set(unused))
+        self.optimizer = optimizer or InnerSGD()
+        self.batch_size = int(batch_size)
 
     def gradients(self, params: Params, x: torch.Tensor, y: torch.Tensor, create_graph: bool,
                   functional: bool = False,
@@ -205,18 +210,47 @@ class InnerLoop:
         """
         losses: list[torch.Tensor] = []
         trajectory = [params] if keep_trajectory else None
+        batches = self.mini_batches(x, steps)
+        state = None
         for k in range(steps):
             view = (lambda p, k=k: point(p, k)) if point is not None else None
+            xs, ys = (x, y) if batches is None else (x[batches[k]], y[batches[k]])
             with observe(k) if observe is not None else contextlib.nullcontext():
-                grads, loss = self.gradients(params, x, y, create_graph, functional, view)
+                grads, loss = self.gradients(params, xs, ys, create_graph, functional, view)
             losses.append(loss.detach())
-            rate = rates_at(lr, k)
-            params = dict(params)
-            for n, g in grads.items():
-                params[n] = params[n] - (rate[n] if isinstance(rate, dict) else rate) * g
+            if state is None:
+                state = self.optimizer.init(grads)
+            params, state = self.optimizer.step(params, grads, rates_at(lr, k), k, state)
             if trajectory is not None:
                 trajectory.append(params)
         return Adaptation(params, losses, trajectory)
+
+    def mini_batches(self, x: torch.Tensor, steps: int) -> list[torch.Tensor] | None:
+        """The examples of each step when steps take mini-batches of ``batch_size`` (None: every
+        step takes all of ``x``): consecutive slices of the examples reshuffled at every pass, so
+        each pass sees every example once (Nichol et al.'s sampling).
+
+        The shuffles are drawn from a generator seeded by the examples themselves, not from
+        torch's global one: a task gets the same mini-batches wherever and whenever it is
+        adapted, so training stays a function of its config (a resumed run, or one split over
+        processes, draws what an uninterrupted one does) and evaluation a function of its tasks.
+        """
+        b, n = self.batch_size, x.shape[0]
+        if not b or b >= n:
+            return None
+        generator = torch.Generator().manual_seed(content_seed(x))
+        passes = -(-steps * b // n)
+        order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)]).to(x.device)
+        return [order[k * b:(k + 1) * b] for k in range(steps)]
+
+
+def content_seed(x: torch.Tensor, samples: int = 4096) -> int:
+    """A 63-bit seed from a tensor's shape and values (at most ``samples`` of them, evenly spaced)."""
+    flat = x.detach().reshape(-1)
+    stride = max(1, flat.numel() // samples)
+    values = flat[::stride][:samples].to("cpu", torch.float64).numpy().tobytes()
+    digest = hashlib.blake2b(str(tuple(x.shape)).encode() + values, digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def prototype_head(features: torch.Tensor, labels: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,10 +399,15 @@ class GradientLearner(Learner):
         head_init: ``learned`` (the head is a meta-parameter; tasks of other ways start from a
             prototype head) or ``prototypes`` (every task starts from a prototype head:
             Proto-MAML).
+        inner_optimizer: ``sgd``, ``adam`` (``beta1 = 0``, Nichol et al.'s Reptile) or an
+            optimiser of :mod:`kshot.learners.inner_optimizers`.
+        inner_batch_size: examples per inner step, drawn without replacement from the task's
+            (0: all of them every step).
     """
 
     config_options: ClassVar[tuple[str, ...]] = ("inner_steps", "inner_lr", "test_inner_steps", "batch_tasks",
-                                                 "inner_params", "transductive", "head_init")
+                                                 "inner_params", "transductive", "head_init",
+                                                 "inner_optimizer", "inner_batch_size")
     supports_transductive = True
     #: Only the parameters of the model's last layer adapt in the inner loop (ANIL).
     head_only: ClassVar[bool] = False
@@ -379,7 +418,8 @@ class GradientLearner(Learner):
 
     def __init__(self, model: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  test_inner_steps: int = 0, batch_tasks: str = "auto", loss: str = "cross_entropy",
-                 inner_params: str | Sequence[str] = (), *, transductive: bool = False, head_init: str = "learned"):
+                 inner_params: str | Sequence[str] = (), *, transductive: bool = False, head_init: str = "learned",
+                 inner_optimizer: str | InnerOptimizer = "sgd", inner_batch_size: int = 0):
         super().__init__(use_batch_statistics(model))
         if int(inner_steps) != inner_steps or inner_steps < 1:
             raise ConfigError(f"inner_steps must be an integer >= 1, not {inner_steps!r}")
@@ -393,6 +433,12 @@ class GradientLearner(Learner):
             raise ConfigError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if head_init not in self.head_inits:
             raise ConfigError(f"{self.algo} takes head_init {' or '.join(self.head_inits)}, not {head_init!r}")
+        if int(inner_batch_size) != inner_batch_size or inner_batch_size < 0:
+            raise ConfigError(f"inner_batch_size must be an integer >= 0 (0: the whole support set), "
+                              f"not {inner_batch_size!r}")
+        self.inner_update = (make_inner_optimizer(inner_optimizer) if isinstance(inner_optimizer, str)
+                             else inner_optimizer)
+        self.inner_batch_size = int(inner_batch_size)
         self.inner_steps, self.inner_lr = int(inner_steps), float(inner_lr)
         self.test_inner_steps, self.batch_tasks, self.loss_name = int(test_inner_steps), batch_tasks, loss
         self.transductive, self.head_init = bool(transductive), head_init
@@ -446,7 +492,14 @@ class GradientLearner(Learner):
     @classmethod
     def from_saved_options(cls, model: nn.Module, options: dict) -> "GradientLearner":
         # Checkpoints written before the protocol was an option were trained transductively.
-        return cls(model, **{"transductive": True, **options})
+        options = {"transductive": True, **options}
+        betas, eps = options.pop("inner_betas", (0.0, 0.999)), options.pop("inner_eps", 1e-8)
+        if "inner_optimizer" in options:
+            if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                    and all(isinstance(b, (int, float)) for b in (*betas, eps))):
+                raise ConfigError(f"the checkpoint's inner Adam settings are malformed ({betas!r}, {eps!r})")
+            options["inner_optimizer"] = make_inner_optimizer(str(options["inner_optimizer"]), tuple(betas), eps)
+        return cls(model, **options)
 
     def options(self) -> dict:
         options = {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
@@ -454,6 +507,12 @@ class GradientLearner(Learner):
                    "loss": self.loss_name, "transductive": self.transductive, "head_init": self.head_init}
         if self.inner_params:
             options["inner_params"] = list(self.inner_params)
+        if self.inner_update != InnerSGD():
+            options["inner_optimizer"] = self.inner_update.name
+            options["inner_betas"] = [self.inner_update.beta1, self.inner_update.beta2]
+            options["inner_eps"] = self.inner_update.eps
+        if self.inner_batch_size:
+            options["inner_batch_size"] = self.inner_batch_size
         return options
 
     @property
@@ -486,7 +545,7 @@ class GradientLearner(Learner):
 
     def loop_only(self) -> str | None:
         """Why this learner's settings need the per-task loop (None: any mode works)."""
-        return None
+        return "draw each task's mini-batches (inner_batch_size)" if self.inner_batch_size else None
 
     def batch_mode(self, tasks: Sequence) -> str:
         """``loop``, ``vmap`` or ``batched`` for this meta-batch.
@@ -559,7 +618,7 @@ class GradientLearner(Learner):
         its loss is the sum of the tasks' losses, so its gradient is each task's own."""
         assert self.batched_forward is not None
         return InnerLoop(self.batched_forward, lambda out, y: self.task_losses(out, y).sum(),
-                         self.adapted_names)
+                         self.adapted_names, optimizer=self.inner_update)
 
     # ------------------------------------------------------------------ parameters
     def meta_parameters(self) -> Params:
@@ -593,7 +652,8 @@ class GradientLearner(Learner):
 
     def inner_loop(self, forward: Forward | None = None, generic: bool = False) -> InnerLoop:
         forward = forward or (self.generic_forward if generic else self.forward)
-        return InnerLoop(forward, self._loss, self.adapted_names, unused=forward.unused)
+        return InnerLoop(forward, self._loss, self.adapted_names, unused=forward.unused,
+                         optimizer=self.inner_update, batch_size=self.inner_batch_size)
 
     # ------------------------------------------------------------------ heads of any ways
     def _check_replaceable_head(self, ways: int | None = None) -> None:
@@ -697,7 +757,8 @@ class GradientLearner(Learner):
             # prototype head (weights of the features' size) its steps at the trained rate overshoot
             # (docs/MAML.md measures it), so only the new head adapts on the body's features.
             names = tuple(self.head_names)
-        inner = InnerLoop(forward, self._loss, names, unused=forward.unused)
+        inner = InnerLoop(forward, self._loss, names, unused=forward.unused, optimizer=self.inner_update,
+                          batch_size=self.inner_batch_size)
         watch = self.observer(forward) if observe else None
         result = inner.adapt(params, support_in, support_y, steps, lr, create_graph, functional=functional,
                              keep_trajectory=keep_trajectory, point=point, observe=watch)

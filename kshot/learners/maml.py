@@ -104,9 +104,10 @@ class MAML(GradientLearner):
                  first_order: bool | None = None, inner_params: str | Sequence[str] = (), *,
                  transductive: bool = False, head_init: str = "learned", multi_step_loss: int = 0,
                  per_step_lr: bool = False, per_step_bn: bool = False, per_step_bn_stats: bool = False,
-                 second_order_after: int = 0):
+                 second_order_after: int = 0, inner_optimizer="sgd", inner_batch_size: int = 0):
         super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, inner_params,
-                         transductive=transductive, head_init=head_init)
+                         transductive=transductive, head_init=head_init, inner_optimizer=inner_optimizer,
+                         inner_batch_size=inner_batch_size)
         self.first_order = self.default_first_order if first_order is None else bool(first_order)
         self.first_order_steps = self.first_order
         for name, value in (("multi_step_loss", multi_step_loss), ("second_order_after", second_order_after)):
@@ -166,7 +167,7 @@ class MAML(GradientLearner):
         return multi_step_loss_weights(self.inner_steps, self.training_step / self.multi_step_loss)
 
     def loop_only(self) -> str | None:
-        return "update per-step running statistics in place" if self.per_step_bn_stats else None
+        return "update per-step running statistics in place" if self.per_step_bn_stats else super().loop_only()
 
     def vmap_only(self) -> str | None:
         options = self.multi_step_loss or self.per_step_lr or self.per_step_bn or self.head_init != "learned"

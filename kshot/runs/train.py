@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from kshot.config import TrainConfig, config_from_dict
 from kshot.data import SPLIT_FILE_DATASETS
-from kshot.errors import CheckpointError, ConfigError, KshotError, TrainingError
+from kshot.errors import CheckpointError, ConfigError, KshotError, TrainingError, TrainingStopped
 from kshot.learners import Learner
 from kshot.learners.base import protocol_name
 from kshot.runs.build import (algorithms, build_learner, check_config, checkpoint_extra, evaluation_tasks,
@@ -43,6 +43,7 @@ from kshot.services.checkpoint import load_checkpoint, save_checkpoint
 from kshot.services.distributed import Distributed
 from kshot.services.files import atomic_write_text, check_writable
 from kshot.services.plots import plot_curves
+from kshot.services.stopping import stop_requests
 from kshot.tasks import MetaBatch, Task, TaskSource, identity_collate
 
 #: Settings that may change between a run and its resumption without changing what is learned
@@ -351,61 +352,71 @@ class Trainer:
         self.learner.train()
         batches = self._batches(start, stop)
         t_ready = t_waiting = time.perf_counter()
-        try:
-            for step, batch in batches:
-                t_got = time.perf_counter()
-                waited += t_got - t_ready
-                assert step == self.step, (step, self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = learning_rate(c, step)
-                batch = [t.to(self.device, non_blocking=True) for t in batch]
-                if self.learner.takes_outer_step:  # e.g. TRPO: its own line search
-                    self.learner.set_training_step(step)
-                    metrics = self.learner.outer_step(batch, self.optimizer)
-                    self._check_finite(step, metrics, [])
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    statistics = self.dist.snapshot_statistics(self.learner)
-                    self.learner.set_training_step(step)  # schedules over training (MAML++)
-                    metrics = self.learner.meta_gradient(batch)
-                    # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
-                    # merged: every rank then holds the state one process would have.
-                    metrics = self.dist.average_gradients(params, metrics, statistics)
-                    self._check_finite(step, metrics, params)
-                    if c.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-                    self.optimizer.step()
-                self.step += 1
-                for k, v in metrics.items():
-                    window[k] = window.get(k, 0.0) + v
-                n_window += 1
-                t_ready = time.perf_counter()
-                busy += t_ready - t_got
-                self.train_seconds += t_ready - t_waiting
-                if self.step % c.log_every == 0 or self.step == stop:
-                    record = {"step": self.step, "split": "train", **{k: v / n_window for k, v in window.items()},
-                              "lr": learning_rate(c, step),
-                              "tasks_per_s": n_window * c.meta_batch_size / max(busy + waited, 1e-9),
-                              "data_wait": waited / max(busy + waited, 1e-9),
-                              "train_seconds": self.train_seconds}
-                    self._log(record)
-                    if "return_pre" in record:  # policies: the return before and after adaptation
-                        bar.set_postfix({k: f"{record[k]:.2f}" for k in ("return_pre", "return_post") if k in record})
+        # One process stops on a signal at a step boundary; the ranks of a distributed run
+        # would each stop at their own step, so they keep the signals' own behaviour.
+        with stop_requests(enabled=not self.dist.enabled) as stop_request:
+            try:
+                for step, batch in batches:
+                    t_got = time.perf_counter()
+                    waited += t_got - t_ready
+                    assert step == self.step, (step, self.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = learning_rate(c, step)
+                    batch = [t.to(self.device, non_blocking=True) for t in batch]
+                    if self.learner.takes_outer_step:  # e.g. TRPO: its own line search
+                        self.learner.set_training_step(step)
+                        metrics = self.learner.outer_step(batch, self.optimizer)
+                        self._check_finite(step, metrics, [])
                     else:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
-                    window, n_window, busy, waited = {}, 0, 0.0, 0.0
-                if c.val_every and (self.step % c.val_every == 0 or self.step == c.steps):
-                    self._validate_and_keep_best()
-                if self.step % c.checkpoint_every == 0 or self.step == stop:
-                    self._save(self.last_path, with_optimizer=True)
-                    self._last_saved = self.step
-                if c.snapshot_every and self.step % c.snapshot_every == 0:
-                    self._save(self.snapshot_path(self.step), with_optimizer=False)
-                bar.update(1)
-                t_ready = t_waiting = time.perf_counter()
-        finally:
-            bar.close()
-            batches.close()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        statistics = self.dist.snapshot_statistics(self.learner)
+                        self.learner.set_training_step(step)  # schedules over training (MAML++)
+                        metrics = self.learner.meta_gradient(batch)
+                        # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
+                        # merged: every rank then holds the state one process would have.
+                        metrics = self.dist.average_gradients(params, metrics, statistics)
+                        self._check_finite(step, metrics, params)
+                        if c.grad_clip:
+                            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                        self.optimizer.step()
+                    self.step += 1
+                    for k, v in metrics.items():
+                        window[k] = window.get(k, 0.0) + v
+                    n_window += 1
+                    t_ready = time.perf_counter()
+                    busy += t_ready - t_got
+                    self.train_seconds += t_ready - t_waiting
+                    if self.step % c.log_every == 0 or self.step == stop:
+                        record = {"step": self.step, "split": "train", **{k: v / n_window for k, v in window.items()},
+                                  "lr": learning_rate(c, step),
+                                  "tasks_per_s": n_window * c.meta_batch_size / max(busy + waited, 1e-9),
+                                  "data_wait": waited / max(busy + waited, 1e-9),
+                                  "train_seconds": self.train_seconds}
+                        self._log(record)
+                        if "return_pre" in record:  # policies: the return before and after adaptation
+                            bar.set_postfix({k: f"{record[k]:.2f}" for k in ("return_pre", "return_post") if k in record})
+                        else:
+                            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('acc', float('nan')):.3f}")
+                        window, n_window, busy, waited = {}, 0, 0.0, 0.0
+                    if c.val_every and (self.step % c.val_every == 0 or self.step == c.steps):
+                        self._validate_and_keep_best()
+                    if self.step % c.checkpoint_every == 0 or self.step == stop:
+                        self._save(self.last_path, with_optimizer=True)
+                        self._last_saved = self.step
+                    if c.snapshot_every and self.step % c.snapshot_every == 0:
+                        self._save(self.snapshot_path(self.step), with_optimizer=False)
+                    bar.update(1)
+                    if stop_request.requested and self.step < stop:
+                        if self._last_saved != self.step:
+                            self._save(self.last_path, with_optimizer=True)
+                            self._last_saved = self.step
+                        raise TrainingStopped(f"stopped by {stop_request.signal_name} after step {self.step} of "
+                                              f"{c.steps}; {self.last_path} holds it: the same command resumes "
+                                              f"from there", stop_request.signal_number)
+                    t_ready = t_waiting = time.perf_counter()
+            finally:
+                bar.close()
+                batches.close()
         seconds = time.perf_counter() - t_begin
         test = None
         if self.step >= c.steps:

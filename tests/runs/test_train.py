@@ -82,6 +82,41 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path
     assert train_losses(interrupted) == train_losses(clean)  # no duplicated or missing records
 
 
+STOP_ARGS = ["train", "--preset", "quick", "--steps", "60", "--queries", "5", "--checkpoint-every", "1000",
+             "--val-every", "0", "--test-tasks", "0", "--log-every", "2", "--threads", "1", "--seed", "3",
+             "--quiet"]
+
+
+def test_sigterm_stops_at_a_step_boundary_with_its_checkpoint_and_resumes_exactly(tmp_path):
+    # checkpoint_every is beyond the run, so the only checkpoint before the end is the stop's own.
+    stopped, clean = tmp_path / "stopped", tmp_path / "clean"
+    proc = _kshot(*STOP_ARGS, "--run-dir", str(stopped))
+    metrics, deadline = stopped / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:  # 10 steps done
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    step = load_checkpoint(stopped / "last.safetensors").train_state["step"]
+    assert 10 <= step < 60
+    assert err.strip().splitlines() == [f"kshot: stopped by SIGTERM after step {step} of 60; "
+                                        f"{stopped / 'last.safetensors'} holds it: the same command resumes "
+                                        f"from there"]
+    assert not list(stopped.glob(".*.tmp"))
+
+    resumed = _kshot(*STOP_ARGS, "--run-dir", str(stopped))
+    uninterrupted = _kshot(*STOP_ARGS, "--run-dir", str(clean))
+    for p in (resumed, uninterrupted):
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    a, b = load_checkpoint(stopped / "last.safetensors"), load_checkpoint(clean / "last.safetensors")
+    assert a.train_state["step"] == b.train_state["step"] == 60
+    for key in b.state_dict:
+        assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path, cache_dir):
     config = resolve_config("quick", overrides=dict(steps=4, val_every=0, test_tasks=0, checkpoint_every=2,
                                                     cache_dir=str(cache_dir)))
