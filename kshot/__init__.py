@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 from kshot.config import PRESETS, TrainConfig, resolve_config
 from kshot.data import ArrayDataset, FewShotDataset, LabelledDataset, Omniglot, load_dataset
-from kshot.errors import CheckpointError, ConfigError, DataError, KshotError
+from kshot.errors import CheckpointError, ConfigError, DataError, KshotError, TrainingStopped
 from kshot.learners import (ANIL, FOMAML, MAML, RFS, Baseline, BaselinePlusPlus, Learner, MetaSGD, Predictor,
                             ProtoNet, Reptile, Siamese, create_learner)
 from kshot.models import create_model, register_model
@@ -33,7 +33,7 @@ __all__ = [
     "EvalResult", "FOMAML", "FewShotDataset", "KshotError", "LabelledBatchSampler", "LabelledDataset", "Learner",
     "MAML", "MetaSGD", "Omniglot", "PRESETS", "PairBatch", "PairSampler", "Predictor", "ProtoNet", "RFS",
     "Reptile", "Siamese", "Task",
-    "TaskSampler", "TrainConfig", "Trainer", "create_learner", "create_model", "evaluate",
+    "TaskSampler", "TrainConfig", "Trainer", "TrainingStopped", "create_learner", "create_model", "evaluate",
     "evaluate_checkpoint", "fixed_tasks", "load_checkpoint", "load_dataset", "load_learner",
     "register_model", "resolve_config", "save_checkpoint", "train",
 ]

@@ -512,6 +512,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = True, progres
     """Meta-train as ``config`` says, in ``run_dir`` (resuming a run found there).
 
     Under torchrun the processes share each meta-batch (see :mod:`kshot.services.distributed`).
+    In one process, SIGTERM or Ctrl-C ends training after the current outer step, with its
+    checkpoint written, by raising :class:`~kshot.errors.TrainingStopped`.
     """
     config.validate()
     group = (nullcontext(dist) if dist is not None else
