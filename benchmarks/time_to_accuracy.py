@@ -41,7 +41,7 @@ def parse_row(text: str) -> dict:
     return row
 
 
-def snapshot_points(row: dict, tasks: int, queries: int, progress: bool) -> list[dict]:
+def snapshot_points(row: dict, tasks: int, queries: int, progress: bool, inner_steps: int = 0) -> list[dict]:
     from kshot.runs.evaluate import evaluate_checkpoint
     from kshot.services.checkpoint import load_checkpoint
     from kshot.services.files import atomic_write_text
@@ -50,7 +50,8 @@ def snapshot_points(row: dict, tasks: int, queries: int, progress: bool) -> list
     snapshots = sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
     if not snapshots:
         return []
-    key = f"{row['ways']}w{row['shots']}s{queries}q{tasks}t{'-within' if row['within'] else ''}"
+    key = (f"{row['ways']}w{row['shots']}s{queries}q{tasks}t{'-within' if row['within'] else ''}"
+           f"{f'-k{inner_steps}' if inner_steps else ''}")
     cache_path = folder / f"eval-{key}.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     points = []
@@ -59,7 +60,8 @@ def snapshot_points(row: dict, tasks: int, queries: int, progress: bool) -> list
         if stamp not in cache:
             ckpt = load_checkpoint(path)
             evaluation = evaluate_checkpoint(path, ways=row["ways"], shots=row["shots"], queries=queries,
-                                             tasks=tasks, within_groups=row["within"], progress=progress)
+                                             tasks=tasks, within_groups=row["within"], progress=progress,
+                                             inner_steps=inner_steps or None)
             cache[stamp] = {"step": ckpt.train_state.get("step"),
                             "train_seconds": ckpt.train_state.get("train_seconds"),
                             "acc": 100 * evaluation.result.mean, "ci95": 100 * evaluation.result.ci95,
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--row", action="append", required=True, help="LABEL=RUN_DIR[:WAYS:SHOTS[:PAPER[:within]]]")
     parser.add_argument("--tasks", type=int, default=1000, help="fixed test tasks per snapshot")
     parser.add_argument("--queries", type=int, default=15, help="queries per class of the test tasks")
+    parser.add_argument("--inner-steps", type=int, default=0,
+                        help="maml family, reptile: inner steps per test task (default: each run's own)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default="docs/results/time_to_accuracy", help="output path stem")
     args = parser.parse_args(argv)
@@ -104,7 +108,8 @@ def main(argv=None) -> int:
     for row in rows:
         if not row["run"].is_dir():
             raise SystemExit(f"run directory {row['run']} not found")
-        row["points"] = snapshot_points(row, args.tasks, args.queries, progress=True) or validation_points(row)
+        row["points"] = snapshot_points(row, args.tasks, args.queries, progress=True,
+                                        inner_steps=args.inner_steps) or validation_points(row)
         if not row["points"]:
             print(f"{row['label']}: no snapshots and no validation records with train_seconds; skipped")
     rows = [r for r in rows if r["points"]]
