@@ -171,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
         dataset=args.dataset, protocol=args.protocol, image_size=args.image_size,
         data_dir=args.data_dir, cache_dir=args.cache_dir, data_path=args.data_path, device=args.device,
         progress=not args.quiet, steps=args.steps, plot=args.plot, transductive=args.transductive,
-        inner_steps=args.inner_steps)
+        inner_steps=args.inner_steps, head=args.head)
     result = evaluation.result
     print(evaluation.description)
     if hasattr(result, "table"):  # a policy: the return after each adaptation step
@@ -222,6 +222,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-steps", type=int, default=None, dest="inner_steps",
                    help="maml family, reptile: gradient steps per task at test time (default: the "
                         "run's test_inner_steps)")
+    p.add_argument("--head", default=None, metavar="ALGO",
+                   help="baseline, rfs: fit each task's head as ALGO does, on the checkpoint's frozen backbone "
+                        "(rfs on a baseline run: one pre-training for both; default: the run's own)")
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on "
                    "(cross-domain evaluation; a+b for tasks from each of several)")
     p.add_argument("--protocol", help="dataset split protocol")

@@ -199,14 +199,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
                         image_size: int | None = None, data_dir: str | None = None,
                         cache_dir: str | None = None, data_path: str | None = None, device: str = "cpu",
                         progress: bool = False, steps: int = 3, plot: str | os.PathLike | None = None,
-                        transductive: bool | None = None, inner_steps: int | None = None) -> CheckpointEvaluation:
+                        transductive: bool | None = None, inner_steps: int | None = None,
+                        head: str | None = None) -> CheckpointEvaluation:
     """Evaluate a saved learner on fixed test tasks, as ``kshot eval`` does.
 
     Unset options take the run's own settings (its test ways and shots, its dataset and split
     protocol, whether its tasks came from one class group, whether it was trained and validated
     transductively, its test-time inner steps); ``inner_steps`` adapts a learner of the MAML family
     or Reptile with that many gradient steps per task instead (papers report several numbers of
-    steps for one model); ``dataset`` evaluates across domains,
+    steps for one model); ``head`` fits each task's head as another pre-trained baseline does,
+    on the same frozen backbone (``rfs`` on a ``baseline`` checkpoint: both pre-train a linear
+    head, so one pre-training serves both rows); ``dataset`` evaluates across domains,
     ``data_path`` finds a run's own folder or table where it is now. The checkpoint's data and
     cache directories are never used (``data_dir`` / ``cache_dir``, else the environment's and the
     defaults), nor is its class split file ever written: it must exist, as recorded or beside the
@@ -228,6 +231,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
     config = config_of(ckpt)  # checked, and with no path of the checkpoint's own
     if ckpt.learner.get("algo") in POLICY_LEARNERS:
         return _evaluate_policy(checkpoint, ckpt, config, tasks, split, seed, steps, device, progress, plot)
+    pretrained_by = None
+    if head is not None and head != ckpt.learner.get("algo"):
+        pretrained_by = ckpt.learner.get("algo")
+        ckpt.learner = {**ckpt.learner, "algo": _head_learner(head, pretrained_by)}
     learner = learner_from_checkpoint(ckpt)
     if inner_steps is not None:
         _set_test_steps(learner, inner_steps, ckpt.learner.get("algo"))
@@ -251,7 +258,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
                                        seed=seed, within_groups=within, episodes=episodes, extra=ckpt.extra)
     result = evaluate(learner, task_set, device=device, progress=progress, transductive=transductive)
     adapted = getattr(learner, "test_steps", None)  # gradient learners: steps at test time
-    described = (f"{ckpt.learner['algo']} on {config.dataset} ({config.protocol or 'default'} protocol) "
+    algo = ckpt.learner["algo"] + (f" (pre-trained by {pretrained_by})" if pretrained_by else "")
+    described = (f"{algo} on {config.dataset} ({config.protocol or 'default'} protocol) "
                  f"{split}: {shape}; {result.protocol} predictions"
                  + (f", {adapted} inner step{'s' * (adapted != 1)} per task" if adapted else ""))
     variable = episodes == "variable"
@@ -260,8 +268,27 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, ways: int = 0, shots: 
               "shots": None if variable else shots, "queries": None if variable else queries,
               "dataset": config.dataset, "protocol": config.protocol, "within_groups": within,
               "inference": result.protocol, **({"inner_steps": adapted} if adapted else {}),
+              **({"pretrained_by": pretrained_by} if pretrained_by else {}),
               **result.summary()}
     return CheckpointEvaluation(result, described, record)
+
+
+def _head_learner(head: str, algo: str | None) -> str:
+    """``head``, when a checkpoint of ``algo`` can fit heads its way: both are pre-trained
+    baselines with the same pre-training head, so the weights mean the same to either."""
+    from kshot.learners import LEARNERS
+    from kshot.learners.baselines import PretrainedBaseline
+
+    kinds = {name: cls.pretraining_head for name, cls in LEARNERS.items()
+             if isinstance(cls, type) and issubclass(cls, PretrainedBaseline)}
+    if algo not in kinds:
+        raise ConfigError(f"--head: a {algo} checkpoint has no pre-trained backbone to fit heads on; it "
+                          f"applies to {', '.join(sorted(kinds))} checkpoints")
+    same = sorted(n for n, kind in kinds.items() if kind == kinds[algo])
+    if head not in same:
+        raise ConfigError(f"--head {head}: a {algo} checkpoint was pre-trained with a {kinds[algo]} head, "
+                          f"so its heads can be fitted as {' or '.join(same)} does")
+    return head
 
 
 def _set_test_steps(learner: Learner, inner_steps: int, algo: str | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from kshot.learners.baselines import CosineClassifier, logistic_regression
 from kshot.models import create_model
 from kshot.runs.train import train
 from kshot.services.checkpoint import load_checkpoint
-from kshot.runs.evaluate import evaluate
+from kshot.runs.evaluate import evaluate, evaluate_checkpoint
 from kshot.tasks import LabelledBatchSampler, TaskSampler, fixed_tasks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,3 +148,24 @@ def test_pretraining_resumes_to_the_same_weights(tmp_path, algo):
     for name, tensor in a.state_dict.items():
         assert torch.equal(tensor, b.state_dict[name]), name
     assert not math.isnan(float(a.state_dict["classifier.weight" if algo == "baseline" else "classifier.scale"].sum()))
+
+
+def test_a_baseline_checkpoint_is_tested_with_rfs_heads_on_its_own_backbone(tmp_path, omniglot):
+    # One pre-training serves the Baseline and RFS rows: --head rfs must be exactly an RFS learner
+    # holding the Baseline run's weights, on the same tasks.
+    config = resolve_config(overrides=dict(
+        algo="baseline", backbone_options={"hidden": 8}, batch_size=8, steps=2, val_every=0, test_tasks=0,
+        checkpoint_every=2, log_every=2, lr=1e-2, test_ways=5, test_shots=1))
+    train(config, tmp_path, progress=False)
+    path = tmp_path / "last.safetensors"
+    as_rfs = evaluate_checkpoint(path, head="rfs", tasks=600, queries=2)
+    ckpt = load_checkpoint(path)
+    rfs = RFS(create_model("conv4", hidden=8, image_size=28), **ckpt.learner["options"])
+    rfs.load_state_dict(ckpt.state_dict)
+    reference = evaluate(rfs, fixed_tasks(omniglot("test"), 5, 1, 2, n_tasks=600))
+    assert np.array_equal(as_rfs.result.accuracies, reference.accuracies)
+    assert as_rfs.record["algo"] == "rfs" and as_rfs.record["pretrained_by"] == "baseline"
+    assert as_rfs.description.startswith("rfs (pre-trained by baseline) on omniglot")
+    with pytest.raises(ConfigError, match="pre-trained with a linear head, so its heads can be fitted as "
+                                          "baseline or rfs does"):
+        evaluate_checkpoint(path, head="baseline++", tasks=600)
