@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     import torch
 
     from kshot.config import PRESETS, resolve_config
+    from kshot.errors import TrainingStopped
     from kshot.data import load_dataset
     from kshot.runs.build import dataset_settings, load_learner
     from kshot.runs.evaluate import evaluate
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     if not args.no_train:
         try:
             result = train(config, run_dir, progress=not args.quiet)
+        except TrainingStopped as e:  # SIGTERM or Ctrl-C: stopped after a step, its checkpoint written
+            print(f"maml_accuracy: {e}", file=sys.stderr)
+            return e.exit_status
         except KeyboardInterrupt:
             print("interrupted: the same command resumes the run from its last checkpoint", file=sys.stderr)
             return 130
