@@ -12,14 +12,20 @@ from kshot.services.stopping import stop_requests
 
 
 def test_first_signal_asks_second_acts_and_handlers_are_restored():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with stop_requests() as request:
-        assert not request.requested
-        os.kill(os.getpid(), signal.SIGINT)
-        assert request.requested and request.signal_name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's own handler
+    # Python's own Ctrl-C handler, whatever this process inherited (a job started with `&`
+    # ignores SIGINT: the next test).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        with stop_requests() as request:
+            assert not request.requested
             os.kill(os.getpid(), signal.SIGINT)
-    assert {s: signal.getsignal(s) for s in before} == before
+            assert request.requested and request.signal_name == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: Python's own handler
+                os.kill(os.getpid(), signal.SIGINT)
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_a_signal_the_process_ignores_stays_ignored():
