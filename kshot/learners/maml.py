@@ -49,6 +49,7 @@ from kshot.learners.base import check_classes
 from kshot.learners.functional import FunctionalForward, Params, Statistics, batch_moments, batch_norm_layers
 from kshot.learners.inner_loop import (GradientLearner, LearningRates, Point, TaskAdaptation, param_key,
                                        twice_differentiable)
+from kshot.learners.inner_optimizers import InnerOptimizer
 from kshot.tasks import Task, stack_tasks
 
 #: Prefix of the per-step batch-norm parameters among the meta-parameters.
@@ -104,7 +105,8 @@ class MAML(GradientLearner):
                  first_order: bool | None = None, inner_params: str | Sequence[str] = (), *,
                  transductive: bool = False, head_init: str = "learned", multi_step_loss: int = 0,
                  per_step_lr: bool = False, per_step_bn: bool = False, per_step_bn_stats: bool = False,
-                 second_order_after: int = 0, inner_optimizer="sgd", inner_batch_size: int = 0):
+                 second_order_after: int = 0, inner_optimizer: str | InnerOptimizer = "sgd",
+                 inner_batch_size: int = 0):
         super().__init__(model, inner_steps, inner_lr, test_inner_steps, batch_tasks, loss, inner_params,
                          transductive=transductive, head_init=head_init, inner_optimizer=inner_optimizer,
                          inner_batch_size=inner_batch_size)

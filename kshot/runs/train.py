@@ -406,7 +406,7 @@ class Trainer:
                     if c.snapshot_every and self.step % c.snapshot_every == 0:
                         self._save(self.snapshot_path(self.step), with_optimizer=False)
                     bar.update(1)
-                    if stop_request.requested and self.step < stop:
+                    if stop_request.requested:  # on the last step too: the final test is not begun
                         if self._last_saved != self.step:
                             self._save(self.last_path, with_optimizer=True)
                             self._last_saved = self.step
