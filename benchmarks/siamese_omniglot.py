@@ -24,7 +24,9 @@ class (Lake: 1); the expected accuracy is the same, the interval narrower.
 
 Writes ``<out>/results.json``, ``<out>/table.md`` (one row per learner, with its commands),
 ``<out>/accuracy.png`` and ``<out>/roc.png``. ``--tiny`` checks the whole pipeline in a few
-minutes (numbers meaningless).
+minutes (numbers meaningless). ``--within-alphabet`` trains as the test tests: every training
+episode from one alphabet (ProtoNet's 20-way then), every Siamese negative a character of its
+anchor's alphabet.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ def learner_config(name: str, args) -> tuple[TrainConfig, dict] | None:
         overrides["steps"] = args.steps
     if args.tiny:
         overrides.update(TINY)
+    if args.within_alphabet:  # train as the test tests; no training alphabet has 60 characters
+        overrides["within_groups"] = True
+        if name == "protonet":
+            overrides["ways"] = 20
     if args.koch_net and name == "siamese":
         overrides.update(image_size=105, backbone="koch")
     if args.device != "cpu":
@@ -211,6 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--within-alphabet", action="store_true",
+                   help="train within one alphabet too: episodes of one alphabet's characters (ProtoNet: "
+                        "20-way), Siamese negatives from the anchor's alphabet")
     p.add_argument("--koch-net", action="store_true", help="Siamese with Koch's 105x105 network (GPU)")
     p.add_argument("--tiny", action="store_true", help="a few steps and tasks: checks the pipeline only")
     p.add_argument("--quiet", action="store_true")

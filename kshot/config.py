@@ -51,6 +51,7 @@ class TrainConfig:
     test_shots: int = 0  # support examples per class at validation/test (0: same as shots)
     test_queries: int = 15  # query examples per class at validation/test
     test_within_groups: bool = False  # validation/test tasks take all classes from one group (omniglot: one alphabet)
+    within_groups: bool = False  # training tasks (siamese: different-class pairs) take their classes from one group, as test_within_groups tests
     meta_batch_size: int = 1  # tasks per outer step
     episodes: str = "fixed"  # training tasks: fixed (ways x shots) | variable (Meta-Dataset: 5-50 ways, varying shots)
     source_weights: str = "uniform"  # multi-source datasets (a+b): each task's source uniform | classes (by class count)
@@ -75,8 +76,9 @@ class TrainConfig:
     inner_lr: float = 0.4  # maml family, reptile: inner learning rate (metasgd: its initial value)
     test_inner_steps: int = 0  # maml family, reptile: inner steps at validation/test (0: same as inner_steps)
     batch_tasks: str = "auto"  # maml family, reptile: loop | vmap | batched (MLPs) | auto (see docs/MAML.md)
-    inner_optimizer: str = "sgd"  # maml family, reptile: sgd | adam (beta1 0, beta2 0.999: Nichol et al.'s Reptile; fresh moments on each task)
+    inner_optimizer: str = "sgd"  # maml family, reptile: sgd | adam (beta1 0, beta2 0.999: Nichol et al.'s Reptile; moments: inner_moments)
     inner_batch_size: int = 0  # maml family, reptile: examples per inner step, drawn without replacement from the task's (0: all of them)
+    inner_moments: str = "reset"  # reptile with inner_optimizer adam: reset (fresh on each task) | carried (from task to task, into the test: Nichol et al.'s code)
     body_lr: float = 0.0  # finetune: learning rate of the encoder's top layers on the support set (0: the head only)
     head_l2: float = 0.0  # finetune: L2 penalty on the head's weights
     metasgd_lr_high: float = 0.0  # metasgd: draw initial inner lrs uniformly in [inner_lr, this] (0: all inner_lr)
@@ -159,6 +161,8 @@ class TrainConfig:
             raise ConfigError(f"seed must be a non-negative integer, not {self.seed}")
         if self.inner_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"unknown inner_optimizer {self.inner_optimizer!r}; choose sgd or adam")
+        if self.inner_moments not in ("reset", "carried"):
+            raise ConfigError(f"unknown inner_moments {self.inner_moments!r}; choose reset or carried")
         if self.inner_batch_size < 0:
             raise ConfigError(f"inner_batch_size must not be negative (0: the whole support set), "
                               f"not {self.inner_batch_size}")

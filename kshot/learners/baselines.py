@@ -178,6 +178,9 @@ class PretrainedBaseline(Learner):
     @classmethod
     def make_sampler(cls, config, dataset) -> LabelledBatchSampler:
         """Shuffled batches of ``config.batch_size`` labelled examples of all training classes."""
+        if getattr(config, "within_groups", False):
+            raise ConfigError(f"{config.algo} pre-trains on batches of all training classes, not on tasks; "
+                              f"drop --within-groups (--test-within-groups still tests within groups)")
         return LabelledBatchSampler(dataset, batch_size=config.batch_size, seed=config.seed,
                                     meta_batch_size=config.meta_batch_size)
 

@@ -88,11 +88,13 @@ class Adaptation:
         params: the adapted parameters (every name of the input dict; the adapted ones replaced).
         support_losses: support loss before each step (detached scalars), ``steps`` of them.
         trajectory: the parameters before each step and after the last (only when asked for).
+        state: the inner optimiser's state after the last step (Adam's moments).
     """
 
     params: Params
     support_losses: list[torch.Tensor] = field(default_factory=list)
     trajectory: list[Params] | None = None
+    state: dict = field(default_factory=dict)
 
 
 _MEMORY_POLICY_SET = False
@@ -186,7 +188,7 @@ class InnerLoop:
     def adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: LearningRates,
               create_graph: bool, functional: bool = False, keep_trajectory: bool = False,
               point: Point | None = None,
-              observe: Callable[[int], ContextManager] | None = None) -> Adaptation:
+              observe: Callable[[int], ContextManager] | None = None, state: dict | None = None) -> Adaptation:
         """``steps`` gradient steps on ``(x, y)`` from ``params``.
 
         Args:
@@ -203,6 +205,7 @@ class InnerLoop:
                 (default: ``params`` themselves).
             observe: ``observe(k)``, a context around step ``k``'s support pass (running
                 statistics).
+            state: the optimiser's state carried in from earlier tasks (None: a fresh one).
 
         Returns:
             The :class:`Adaptation`; ``params`` stays differentiable with respect to the input
@@ -211,7 +214,7 @@ class InnerLoop:
         losses: list[torch.Tensor] = []
         trajectory = [params] if keep_trajectory else None
         batches = self.mini_batches(x, steps)
-        state = None
+        carried, state = state, None
         for k in range(steps):
             view = (lambda p, k=k: point(p, k)) if point is not None else None
             xs, ys = (x, y) if batches is None else (x[batches[k]], y[batches[k]])
@@ -219,11 +222,11 @@ class InnerLoop:
                 grads, loss = self.gradients(params, xs, ys, create_graph, functional, view)
             losses.append(loss.detach())
             if state is None:
-                state = self.optimizer.init(grads)
-            params, state = self.optimizer.step(params, grads, rates_at(lr, k), k, state)
+                state = self.optimizer.init(grads, carried)
+            params, state = self.optimizer.step(params, grads, rates_at(lr, k), state)
             if trajectory is not None:
                 trajectory.append(params)
-        return Adaptation(params, losses, trajectory)
+        return Adaptation(params, losses, trajectory, state or {})
 
     def mini_batches(self, x: torch.Tensor, steps: int) -> list[torch.Tensor] | None:
         """The examples of each step when steps take mini-batches of ``batch_size`` (None: every
@@ -761,7 +764,8 @@ class GradientLearner(Learner):
                           batch_size=self.inner_batch_size)
         watch = self.observer(forward) if observe else None
         result = inner.adapt(params, support_in, support_y, steps, lr, create_graph, functional=functional,
-                             keep_trajectory=keep_trajectory, point=point, observe=watch)
+                             keep_trajectory=keep_trajectory, point=point, observe=watch,
+                             state=self.carried_inner_state())
         trajectory = result.trajectory if keep_trajectory else [result.params]
         running = None if (self.training or transductive) else self.running_statistics
         adaptation = TaskAdaptation(self, forward, trajectory, steps, support_in, encode, point, transductive,
@@ -770,6 +774,10 @@ class GradientLearner(Learner):
 
     def _keeps_running(self) -> bool:
         return False
+
+    def carried_inner_state(self) -> dict | None:
+        """The inner optimiser's state a task starts from (None: a fresh one on every task)."""
+        return None
 
     # ------------------------------------------------------------------ adapt
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
+from torch import nn
 
 from kshot.errors import ConfigError
 
@@ -44,10 +45,10 @@ class InnerSGD:
 
     name = "sgd"
 
-    def init(self, grads: Params) -> dict:
+    def init(self, grads: Params, carried: dict | None = None) -> dict:
         return {}
 
-    def step(self, params: Params, grads: Params, rate: Rates, k: int, state: dict) -> tuple[Params, dict]:
+    def step(self, params: Params, grads: Params, rate: Rates, state: dict) -> tuple[Params, dict]:
         out = dict(params)
         for n, g in grads.items():
             out[n] = params[n] - _rate(rate, n) * g
@@ -56,7 +57,8 @@ class InnerSGD:
 
 @dataclass(frozen=True)
 class InnerAdam:
-    """Adam with zero moments at the start of each task (``k`` counts the task's steps from 0)."""
+    """Adam; its state holds, per parameter, the moments ``m`` and ``v`` and the count ``t`` of
+    steps they have seen (bias correction), zero at a task's start unless carried."""
 
     beta1: float = 0.0
     beta2: float = 0.999
@@ -69,23 +71,64 @@ class InnerAdam:
         if not self.eps > 0:
             raise ConfigError(f"inner Adam eps must be positive, not {self.eps}")
 
-    def init(self, grads: Params) -> dict:
-        return {"m": {n: torch.zeros_like(g) for n, g in grads.items()},
-                "v": {n: torch.zeros_like(g) for n, g in grads.items()}}
-
-    def step(self, params: Params, grads: Params, rate: Rates, k: int, state: dict) -> tuple[Params, dict]:
-        b1, b2 = self.beta1, self.beta2
-        correct1, correct2 = 1.0 - b1 ** (k + 1), 1.0 - b2 ** (k + 1)
-        out, m, v = dict(params), {}, {}
+    def init(self, grads: Params, carried: dict | None = None) -> dict:
+        """The state at a task's start: zero moments, or those ``carried`` in from earlier tasks
+        (:meth:`CarriedState.state`) for the parameters it has, of the same shapes."""
+        state: dict = {"m": {}, "v": {}, "t": {}}
         for n, g in grads.items():
+            if carried is not None and n in carried["t"] and carried["m"][n].shape == g.shape:
+                state["m"][n], state["v"][n], state["t"][n] = carried["m"][n], carried["v"][n], carried["t"][n]
+            else:
+                state["m"][n], state["v"][n], state["t"][n] = torch.zeros_like(g), torch.zeros_like(g), 0
+        return state
+
+    def step(self, params: Params, grads: Params, rate: Rates, state: dict) -> tuple[Params, dict]:
+        b1, b2 = self.beta1, self.beta2
+        out, m, v, t = dict(params), {}, {}, {}
+        for n, g in grads.items():
+            t[n] = state["t"][n] + 1
             m[n] = b1 * state["m"][n] + (1.0 - b1) * g
             v[n] = b2 * state["v"][n] + (1.0 - b2) * g * g
-            denominator = torch.sqrt(v[n] / correct2 + _EPS_ROOT) + self.eps
-            out[n] = params[n] - _rate(rate, n) * (m[n] / correct1) / denominator
-        return out, {"m": m, "v": v}
+            denominator = torch.sqrt(v[n] / (1.0 - b2 ** t[n]) + _EPS_ROOT) + self.eps
+            out[n] = params[n] - _rate(rate, n) * (m[n] / (1.0 - b1 ** t[n])) / denominator
+        return out, {"m": m, "v": v, "t": t}
 
 
 InnerOptimizer = Union[InnerSGD, InnerAdam]
+
+
+class CarriedState(nn.Module):
+    """Adam's moments carried from task to task, as buffers (saved in checkpoints, so a resumed
+    run carries on exactly): ``m_<name>``, ``v_<name>`` and the step count ``t_<name>`` of each
+    adapted parameter. Training writes them after each task, in the meta-batch's order;
+    evaluation starts every task from them and leaves them as they are."""
+
+    def __init__(self, params: Params):
+        super().__init__()
+        self.names = tuple(params)
+        for n, p in params.items():
+            key = n.replace(".", "__")
+            self.register_buffer(f"m_{key}", torch.zeros_like(p, device=p.device))
+            self.register_buffer(f"v_{key}", torch.zeros_like(p, device=p.device))
+            self.register_buffer(f"t_{key}", torch.zeros((), dtype=torch.int64, device=p.device))
+
+    def _buffer(self, kind: str, name: str) -> torch.Tensor:
+        return getattr(self, f"{kind}_{name.replace('.', '__')}")
+
+    def state(self) -> dict:
+        """The carried state, in :class:`InnerAdam`'s form (detached)."""
+        return {"m": {n: self._buffer("m", n) for n in self.names},
+                "v": {n: self._buffer("v", n) for n in self.names},
+                "t": {n: int(self._buffer("t", n)) for n in self.names}}
+
+    @torch.no_grad()
+    def update(self, state: dict) -> None:
+        """Keep a task's final state for the next task."""
+        for n in self.names:
+            if n in state.get("t", {}):
+                self._buffer("m", n).copy_(state["m"][n])
+                self._buffer("v", n).copy_(state["v"][n])
+                self._buffer("t", n).fill_(int(state["t"][n]))
 
 
 def make_inner_optimizer(name: str, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> InnerOptimizer:

@@ -11,7 +11,10 @@ update (its ``epsilon`` is 1, annealed linearly to 0: ``--lr-schedule linear``).
 No gradient flows through the inner steps, so Reptile costs what fine-tuning costs. At test
 time a task is adapted on its support set only, exactly as MAML's is (``adapt``). The paper's
 inner optimiser is Adam on mini-batches (``inner_optimizer="adam"``, ``inner_batch_size``; see
-:mod:`kshot.learners.inner_optimizers`); plain SGD on every example is the default.
+:mod:`kshot.learners.inner_optimizers`); plain SGD on every example is the default. Their code
+keeps one Adam for the whole of training: ``inner_moments="carried"`` carries its moments from
+each task to the next (in the meta-batch's order) and starts every test task from training's
+last ones.
 """
 
 from __future__ import annotations
@@ -23,18 +26,51 @@ import torch
 from kshot.config import register_preset
 from kshot.errors import ConfigError
 from kshot.learners.inner_loop import GradientLearner
+from kshot.learners.inner_optimizers import CarriedState, InnerAdam
 from kshot.tasks import Task, stack_tasks
+
+INNER_MOMENTS = ("reset", "carried")
 
 
 class Reptile(GradientLearner):
     """Reptile around any model; see the module docstring and
-    :class:`~kshot.learners.inner_loop.GradientLearner` for the arguments."""
+    :class:`~kshot.learners.inner_loop.GradientLearner` for the arguments, and
+    ``inner_moments``: ``reset`` (fresh inner Adam moments on every task) or ``carried``."""
 
     algo = "reptile"
+    config_options = (*GradientLearner.config_options, "inner_moments")
     first_order_steps = True
     #: Reptile's meta-gradient moves the head towards adapted heads, so the head is learned; tasks
     #: of other ways than the head still start from a prototype head at test time.
     head_inits = ("learned",)
+
+    def __init__(self, model, *args, inner_moments: str = "reset", **kwargs):
+        super().__init__(model, *args, **kwargs)
+        if inner_moments not in INNER_MOMENTS:
+            raise ConfigError(f"unknown inner_moments {inner_moments!r}; choose one of {', '.join(INNER_MOMENTS)}")
+        if inner_moments == "carried" and not isinstance(self.inner_update, InnerAdam):
+            raise ConfigError("inner_moments=carried carries Adam's moments from task to task; "
+                              "set inner_optimizer=adam (plain SGD has none)")
+        self.inner_moments = inner_moments
+        #: Adam's moments carried from task to task (None: fresh on every task), for the parameters
+        #: that adapt (not those the forward leaves out, such as convolution biases under batch norm).
+        unused = set(getattr(self.forward, "unused", ()))
+        adapted = {n: p for n, p in self.model.named_parameters() if n in self.adapted_names and n not in unused}
+        self.carried = CarriedState(adapted) if inner_moments == "carried" else None
+
+    def options(self) -> dict:
+        options = super().options()
+        if self.carried is not None:
+            options["inner_moments"] = self.inner_moments
+        return options
+
+    def loop_only(self) -> str | None:
+        if self.carried is not None:
+            return "carry Adam's moments from one task to the next (inner_moments=carried)"
+        return super().loop_only()
+
+    def carried_inner_state(self) -> dict | None:
+        return self.carried.state() if self.carried is not None else None
 
     def meta_gradient(self, tasks: Sequence[Task], scale: float = 1.0) -> dict[str, float]:
         """Accumulate ``scale * (theta - mean over tasks of phi)`` into ``.grad``.
@@ -67,7 +103,10 @@ class Reptile(GradientLearner):
             y = torch.cat([task.support_y, task.query_y])
             start = {n: p.clone().requires_grad_(n in inner.names) for n, p in meta.items()}
             with torch.enable_grad():
-                result = inner.adapt(start, x, y, self.inner_steps, self.inner_lr, create_graph=False)
+                result = inner.adapt(start, x, y, self.inner_steps, self.inner_lr, create_graph=False,
+                                     state=self.carried_inner_state())
+            if self.carried is not None:
+                self.carried.update(result.state)
             for n, p in result.params.items():
                 total[n] += p.detach()
             first += result.support_losses[0].item()
@@ -106,12 +145,13 @@ class Reptile(GradientLearner):
 # mini-batches of 10 from 10 examples per class (here 5 support + 5 query); meta-batch 5, outer
 # step 1 annealed linearly to 0 over 100,000 iterations; at test 50 Adam iterations on the support
 # set (5 images: every iteration takes them all), batch norm over each test batch (transductive).
-# Their Adam moments carry over from task to task; kshot's start from zero on each task.
+# Their one Adam keeps its moments from task to task and into the test (inner_moments carried).
 register_preset(
     "reptile-omniglot-5way-1shot",
-    "Reptile, Omniglot 5-way 1-shot (Nichol et al. 2018: 97.68%, transductive), Adam on mini-batches of 10",
+    "Reptile, Omniglot 5-way 1-shot (Nichol et al. 2018: 97.68%, transductive), one Adam carried across tasks",
     dict(algo="reptile", dataset="omniglot", protocol="vinyals", image_size=28, backbone="conv4",
          backbone_options={"pool": "stride"}, transductive=True, ways=5, shots=5, queries=5, test_ways=5,
          test_shots=1, test_queries=15, meta_batch_size=5, inner_steps=5, inner_lr=1e-3, inner_optimizer="adam",
-         inner_batch_size=10, test_inner_steps=50, optimizer="sgd", momentum=0.0, lr=1.0, lr_schedule="linear",
+         inner_batch_size=10, inner_moments="carried", test_inner_steps=50, optimizer="sgd", momentum=0.0,
+         lr=1.0, lr_schedule="linear",
          steps=100_000, val_every=5000, val_tasks=200, checkpoint_every=1000, log_every=200, test_tasks=1000))

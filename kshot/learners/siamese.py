@@ -90,8 +90,8 @@ class Siamese(Learner):
     @classmethod
     def make_sampler(cls, config, dataset) -> PairSampler:
         """Balanced same/different pair batches, ``config.pairs`` pairs each."""
-        return PairSampler(dataset, pairs=config.pairs, seed=config.seed,
-                           meta_batch_size=config.meta_batch_size, augment=config.augment)
+        return PairSampler(dataset, pairs=config.pairs, seed=config.seed, meta_batch_size=config.meta_batch_size,
+                           augment=config.augment, within_groups=config.within_groups)
 
     def options(self) -> dict:
         return {"similarity": self.similarity, "margin": self.margin, "embedding_dim": self.embedding_dim}

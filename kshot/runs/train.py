@@ -136,6 +136,10 @@ class Trainer:
         if self.learner.takes_outer_step and self.dist.world_size > 1:
             raise ConfigError(f"{config.algo} takes its outer step itself and does not train distributed yet; "
                               f"run it in one process")
+        if getattr(self.learner, "carried", None) is not None and self.dist.world_size > 1:
+            raise ConfigError("inner_moments=carried passes Adam's moments from each task to the next, in "
+                              "order, which processes cannot share; run it in one process or use "
+                              "inner_moments=reset")
         trainable = [p for p in self.learner.parameters() if p.requires_grad]
         #: None for learners with nothing to meta-train (Prototypical Networks on a frozen encoder,
         #: a head fitted on each support set): the run saves them as they are and tests them.

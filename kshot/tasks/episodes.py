@@ -76,7 +76,7 @@ class TaskSampler(TaskSource):
         groups = dataset.class_groups()
         if groups is None:
             raise DataError(f"{type(dataset).__name__} does not group its classes (e.g. by alphabet), "
-                            f"so tasks cannot be drawn within one group; drop --test-within-groups")
+                            f"so tasks cannot be drawn within one group; drop --within-groups / --test-within-groups")
         of_eligible = np.asarray(groups)[self._eligible]
         members = [self._eligible[of_eligible == g] for g in np.unique(of_eligible)]
         usable = [m for m in members if len(m) >= self.ways]

@@ -70,7 +70,8 @@ class PairSampler(TaskSource):
 
     The anchor's class is uniform over the classes with at least two examples, the anchor and
     positive are two distinct examples of it, and the negative's class is uniform over the
-    other classes.
+    other classes (of the anchor's group with ``within_groups``: a character of the same
+    alphabet, the harder negatives a within-alphabet test asks to tell apart).
 
     Args:
         dataset: any :class:`FewShotDataset`.
@@ -79,13 +80,16 @@ class PairSampler(TaskSource):
         meta_batch_size: pair batches per outer step (they are split across processes).
         augment: ``none``, or ``affine``: every image gets an independent random affine
             distortion (Koch et al. 2015, section 4.1).
+        within_groups: draw each negative from the anchor's group (the dataset's
+            :meth:`~kshot.data.base.FewShotDataset.class_groups`).
 
     Raises:
-        DataError: when no class has two examples, or there are fewer than two classes.
+        DataError: when no class has two examples, or there are fewer than two classes (in one
+            group, with ``within_groups``).
     """
 
     def __init__(self, dataset: FewShotDataset, pairs: int = 128, seed: int = 0,
-                 meta_batch_size: int = 1, augment: str = "none"):
+                 meta_batch_size: int = 1, augment: str = "none", within_groups: bool = False):
         if int(pairs) != pairs or pairs < 2 or pairs % 2:
             raise DataError(f"pairs must be an even integer >= 2 (half same, half different), not {pairs!r}")
         if int(meta_batch_size) != meta_batch_size or meta_batch_size < 1:
@@ -106,10 +110,37 @@ class PairSampler(TaskSource):
         self._table = np.zeros((len(examples), int(self._counts.max())), dtype=np.int64)
         for c, e in enumerate(examples):
             self._table[c, :len(e)] = e
+        self.within_groups = bool(within_groups)
+        if self.within_groups:
+            self._group_negatives(dataset)
+
+    def _group_negatives(self, dataset: FewShotDataset) -> None:
+        """Each class's group, as a row of a padded table of the group's classes with examples,
+        and its position in that row; anchors are kept to groups with two such classes."""
+        groups = dataset.class_groups()
+        if groups is None:
+            raise DataError(f"{type(dataset).__name__} does not group its classes (e.g. by alphabet), so "
+                            f"negatives cannot be drawn within one group; drop --within-groups")
+        groups = np.asarray(groups, dtype=np.int64)
+        members = [self._nonempty[groups[self._nonempty] == g] for g in np.unique(groups[self._nonempty])]
+        self._members = np.zeros((len(members), max(len(m) for m in members)), dtype=np.int64)
+        self._member_counts = np.array([len(m) for m in members], dtype=np.int64)
+        self._row = np.full(len(self._counts), -1, dtype=np.int64)
+        self._position = np.zeros(len(self._counts), dtype=np.int64)
+        for r, m in enumerate(members):
+            self._members[r, :len(m)] = m
+            self._row[m], self._position[m] = r, np.arange(len(m))
+        ok = self._row[self._anchor_classes] >= 0
+        ok &= self._member_counts[np.maximum(self._row[self._anchor_classes], 0)] >= 2
+        self._anchor_classes = self._anchor_classes[ok]
+        if len(self._anchor_classes) == 0:
+            raise DataError("no group has two classes with examples (one of them with two), so no "
+                            "within-group different-class pair can be drawn; drop --within-groups")
 
     def __repr__(self) -> str:
+        within = ", within groups" if self.within_groups else ""
         return (f"PairSampler({self.pairs} pairs, augment={self.augment}, seed={self.seed}, "
-                f"classes={len(self._nonempty)})")
+                f"classes={len(self._nonempty)}{within})")
 
     def rng(self, step: int, index: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), int(index)])
@@ -128,9 +159,14 @@ class PairSampler(TaskSource):
         a = _scaled(u[1], count)
         p = _scaled(u[2], count - 1)
         p += p >= a  # a uniform draw among the class's other examples
-        position = np.searchsorted(self._nonempty, anchor_class)
-        other = _scaled(u[3], len(self._nonempty) - 1)
-        negative_class = self._nonempty[other + (other >= position)]
+        if self.within_groups:
+            row, position = self._row[anchor_class], self._position[anchor_class]
+            other = _scaled(u[3], self._member_counts[row] - 1)
+            negative_class = self._members[row, other + (other >= position)]
+        else:
+            position = np.searchsorted(self._nonempty, anchor_class)
+            other = _scaled(u[3], len(self._nonempty) - 1)
+            negative_class = self._nonempty[other + (other >= position)]
         n = _scaled(u[4], self._counts[negative_class])
         examples = np.stack([self._table[anchor_class, a], self._table[anchor_class, p],
                              self._table[negative_class, n]])

@@ -23,19 +23,27 @@ EPISODES = ("fixed", "variable")
 def task_sampler(dataset: FewShotDataset, episodes: str = "fixed", ways: int = 5, shots: int = 1,
                  queries: int = 15, seed: int = 0, meta_batch_size: int = 1,
                  source_weights: str | Sequence[float] = "uniform",
-                 bounds: EpisodeBounds | None = None) -> TaskSource:
+                 bounds: EpisodeBounds | None = None, within_groups: bool = False) -> TaskSource:
     """The sampler for ``episodes`` tasks from ``dataset``, one source per task if it has several.
 
-    ``fixed``: ``ways``-way ``shots``-shot tasks with ``queries`` per class. ``variable``:
-    Meta-Dataset episodes within ``bounds`` (``ways``, ``shots`` and ``queries`` unused).
+    ``fixed``: ``ways``-way ``shots``-shot tasks with ``queries`` per class (all from one group of
+    classes with ``within_groups``: one Omniglot alphabet). ``variable``: Meta-Dataset episodes
+    within ``bounds`` (``ways``, ``shots`` and ``queries`` unused).
     """
     if episodes not in EPISODES:
         raise ConfigError(f"unknown episodes {episodes!r}; choose one of {', '.join(EPISODES)}")
+    if within_groups and episodes == "variable":
+        raise ConfigError("within-group tasks are N-way K-shot tasks of one group; use --episodes fixed "
+                          "or drop --within-groups")
+    if within_groups and isinstance(dataset, MultiSourceDataset):
+        raise DataError("within-group tasks are not available from a multi-source dataset; "
+                        "train on one source, or drop --within-groups")
 
     def single(data: FewShotDataset, seed_: int):
         if episodes == "variable":
             return VariableTaskSampler(data, seed=seed_, meta_batch_size=meta_batch_size, bounds=bounds)
-        return TaskSampler(data, ways, shots, queries, seed=seed_, meta_batch_size=meta_batch_size)
+        return TaskSampler(data, ways, shots, queries, seed=seed_, meta_batch_size=meta_batch_size,
+                           within_groups=within_groups)
 
     if isinstance(dataset, MultiSourceDataset):
         return MultiSourceSampler(dataset, single, seed=seed, meta_batch_size=meta_batch_size,
@@ -44,10 +52,12 @@ def task_sampler(dataset: FewShotDataset, episodes: str = "fixed", ways: int = 5
 
 
 def sampler_from_config(config, dataset: FewShotDataset) -> TaskSource:
-    """Training tasks as a :class:`~kshot.config.TrainConfig` asks (``episodes``, ``source_weights``)."""
+    """Training tasks as a :class:`~kshot.config.TrainConfig` asks (``episodes``, ``source_weights``,
+    ``within_groups``)."""
     return task_sampler(dataset, getattr(config, "episodes", "fixed"), config.ways, config.shots,
                         config.queries, seed=config.seed, meta_batch_size=config.meta_batch_size,
-                        source_weights=getattr(config, "source_weights", "uniform"))
+                        source_weights=getattr(config, "source_weights", "uniform"),
+                        within_groups=getattr(config, "within_groups", False))
 
 
 def fixed_episodes(dataset: FewShotDataset, n_tasks: int = 1000, seed: int = EVAL_SEED,

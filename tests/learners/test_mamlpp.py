@@ -4,7 +4,6 @@ derivative-order annealing, each held to its definition or to a reference writte
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np

@@ -4,7 +4,6 @@ files written in the exact ml-1m format; bad files are one-line DataErrors."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import zipfile
 from pathlib import Path

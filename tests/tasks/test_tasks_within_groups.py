@@ -67,3 +67,48 @@ def test_the_setting_reaches_the_trainers_fixed_tasks(cache_dir):
     assert trainer.val_tasks.sampler.within_groups
     groups = trainer.val_tasks.sampler.dataset.class_groups()
     assert all(len(set(groups[t.classes.numpy()].tolist())) == 1 for t in trainer.val_tasks)
+
+
+def test_training_tasks_and_siamese_negatives_can_come_from_one_alphabet(cache_dir):
+    """Train as the within-alphabet test tests: episodes of one alphabet's characters, and Siamese
+    negatives that are another character of the anchor's alphabet."""
+    from kshot.config import resolve_config
+    from kshot.errors import ConfigError
+    from kshot.runs.build import training_tasks
+
+    config = resolve_config(overrides=dict(protocol="lake", within_groups=True, ways=20, shots=1, queries=2,
+                                           cache_dir=str(cache_dir)))
+    sampler = training_tasks(config)
+    groups = sampler.dataset.class_groups()
+    seen = set()
+    for step in range(60):
+        classes, _ = sampler.task_indices(step)
+        assert len(set(groups[classes].tolist())) == 1
+        seen.add(int(groups[classes[0]]))
+    assert len(seen) > 10  # the training alphabets with 20 characters or more, not one of them
+    free = training_tasks(resolve_config(overrides=dict(protocol="lake", ways=20, shots=1, queries=2,
+                                                        cache_dir=str(cache_dir))))
+    assert len(set(groups[free.task_indices(0)[0]].tolist())) > 5
+
+    pairs = training_tasks(resolve_config("siamese-omniglot-20way-1shot",
+                                          overrides=dict(within_groups=True, cache_dir=str(cache_dir))))
+    for step in range(20):
+        (anchor, negative), examples = pairs.pair_indices(step)
+        assert np.array_equal(groups[anchor], groups[negative]) and not np.any(anchor == negative)
+        of_class = pairs.dataset.class_examples()
+        assert all(e in set(np.asarray(of_class[c]).tolist()) for e, c in zip(examples[2], negative))
+    across = training_tasks(resolve_config("siamese-omniglot-20way-1shot",
+                                           overrides=dict(cache_dir=str(cache_dir))))
+    (anchor, negative), _ = across.pair_indices(0)
+    assert np.mean(groups[anchor] == groups[negative]) < 0.2  # across alphabets, mostly other alphabets
+    assert np.array_equal(across.pair_indices(3)[1][:2], pairs.pair_indices(3)[1][:2])  # same anchors
+
+    with pytest.raises(ConfigError, match="use --episodes fixed or drop --within-groups"):
+        training_tasks(resolve_config(overrides=dict(protocol="lake", within_groups=True, episodes="variable",
+                                                     cache_dir=str(cache_dir))))
+    with pytest.raises(ConfigError, match="pre-trains on batches of all training classes"):
+        training_tasks(resolve_config(overrides=dict(algo="baseline", protocol="lake", within_groups=True,
+                                                     cache_dir=str(cache_dir))))
+    with pytest.raises(DataError, match="no group has 60 classes"):
+        training_tasks(resolve_config(overrides=dict(protocol="lake", within_groups=True, ways=60,
+                                                     cache_dir=str(cache_dir))))

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from kshot.data.text import Banking77, TextDataset
-from kshot.errors import CheckpointError, ConfigError
+from kshot.errors import CheckpointError
 from kshot.learners import ProtoNet
 from kshot.models import create_model
 from kshot.runs.build import learner_from_checkpoint
 from kshot.services.checkpoint import load_checkpoint, save_checkpoint
 from kshot.tasks import fixed_tasks
 from kshot.text import EncodedTexts, EncodingCache, FineTune, released_task, text_backbone_options
-from kshot.models import create_model
 
 
 @pytest.fixture(scope="module")
