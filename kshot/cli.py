@@ -522,7 +522,10 @@ def _run_command(argv: Sequence[str] | None) -> int:
         try:
             return int(args.run(args) or 0)
         except TrainingStopped as e:  # asked to stop, and stopped cleanly: not an error
-            print(f"kshot: {e}", file=sys.stderr)
+            from kshot.services.distributed import rank_label
+
+            if not rank_label() or rank_label().startswith("[rank 0/"):  # said once, not per rank
+                print(f"kshot: {e}", file=sys.stderr)
             return e.exit_status
         except KshotError as e:
             from kshot.services.distributed import rank_label

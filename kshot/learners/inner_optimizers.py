@@ -112,6 +112,14 @@ class CarriedState(nn.Module):
             self.register_buffer(f"v_{key}", torch.zeros_like(p, device=p.device))
             self.register_buffer(f"t_{key}", torch.zeros((), dtype=torch.int64, device=p.device))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint is untrusted: a negative count or second moment would make Adam's steps NaN.
+        for key, tensor in state_dict.items():
+            if key.startswith(prefix + "t_") or key.startswith(prefix + "v_"):
+                if bool((tensor < 0).any()) or not bool(torch.isfinite(tensor.double()).all()):
+                    raise ValueError(f"carried Adam state {key} holds negative or non-finite values")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _buffer(self, kind: str, name: str) -> torch.Tensor:
         return getattr(self, f"{kind}_{name.replace('.', '__')}")
 

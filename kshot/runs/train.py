@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ RESUMABLE_CHANGES = {"steps", "val_every", "val_tasks", "checkpoint_every", "sna
                      "num_workers", "threads", "device", "data_dir", "cache_dir", "dist_timeout"}
 #: Learning-rate schedules defined over the whole run: their rate at a step depends on ``steps``.
 SCHEDULES_OVER_STEPS = ("cosine", "linear")
+#: The metric a rank's stop request rides in through the step's all-reduce (its signal, or 0).
+_STOP_ASKED = "_stop_asked"
 
 
 def resumable_changes(config: TrainConfig) -> set[str]:
@@ -356,11 +359,13 @@ class Trainer:
         self.learner.train()
         batches = self._batches(start, stop)
         t_ready = t_waiting = time.perf_counter()
-        # One process stops on a signal at a step boundary; the ranks of a distributed run
-        # would each stop at their own step, so they keep the signals' own behaviour.
-        with stop_requests(enabled=not self.dist.enabled) as stop_request:
+        # A signal asks for a stop at a step boundary. The ranks of a distributed run may see it
+        # during different steps, so each adds its request to the step's one all-reduce: every
+        # rank then stops after the same step, the first one any rank was asked during.
+        with stop_requests() as stop_request:
             try:
                 for step, batch in batches:
+                    stopping = 0
                     t_got = time.perf_counter()
                     waited += t_got - t_ready
                     assert step == self.step, (step, self.step)
@@ -376,9 +381,13 @@ class Trainer:
                         statistics = self.dist.snapshot_statistics(self.learner)
                         self.learner.set_training_step(step)  # schedules over training (MAML++)
                         metrics = self.learner.meta_gradient(batch)
+                        if self.dist.enabled:
+                            metrics[_STOP_ASKED] = float(stop_request.signal_number or 0)
                         # Mean over ranks of the gradients and metrics, and the ranks' batch-norm updates
                         # merged: every rank then holds the state one process would have.
                         metrics = self.dist.average_gradients(params, metrics, statistics)
+                        if self.dist.enabled and metrics.pop(_STOP_ASKED) > 0:
+                            stopping = stop_request.signal_number or signal.SIGTERM  # another rank's
                         self._check_finite(step, metrics, params)
                         if c.grad_clip:
                             torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
@@ -410,13 +419,16 @@ class Trainer:
                     if c.snapshot_every and self.step % c.snapshot_every == 0:
                         self._save(self.snapshot_path(self.step), with_optimizer=False)
                     bar.update(1)
-                    if stop_request.requested:  # on the last step too: the final test is not begun
+                    if not self.dist.enabled and stop_request.requested:
+                        stopping = stop_request.signal_number
+                    if stopping:  # on the last step too: the final test is not begun
                         if self._last_saved != self.step:
                             self._save(self.last_path, with_optimizer=True)
                             self._last_saved = self.step
-                        raise TrainingStopped(f"stopped by {stop_request.signal_name} after step {self.step} of "
-                                              f"{c.steps}; {self.last_path} holds it: the same command resumes "
-                                              f"from there", stop_request.signal_number)
+                        self.dist.barrier()  # the checkpoint is written before any rank leaves
+                        raise TrainingStopped(f"stopped by {signal.Signals(stopping).name} after step {self.step} "
+                                              f"of {c.steps}; {self.last_path} holds it: the same command "
+                                              f"resumes from there", int(stopping))
                     t_ready = t_waiting = time.perf_counter()
             finally:
                 bar.close()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kshot.config import resolve_config
-from kshot.errors import ConfigError
+from kshot.errors import CheckpointError, ConfigError
 from kshot.learners import MAML, Reptile
 from kshot.learners.inner_loop import content_seed
 from kshot.learners.inner_optimizers import InnerAdam, InnerSGD
@@ -286,3 +286,7 @@ def test_a_run_with_carried_moments_resumes_exactly(tmp_path):
     assert restored.carried is not None and restored.carried.state()["t"] == {
         n: 24 for n in restored.carried.names}
     assert math.isfinite(float(restored.carried.state()["v"][restored.carried.names[0]].sum()))
+    tampered = copy.copy(a)
+    tampered.state_dict = {**a.state_dict, steps[0]: torch.tensor(-1)}
+    with pytest.raises(CheckpointError, match="carried Adam state .* negative or non-finite"):
+        learner_from_checkpoint(tampered)

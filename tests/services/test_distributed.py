@@ -318,6 +318,40 @@ def test_torchrun_runs_kshot_train(tmp_path):
     assert load_checkpoint(run_dir / "last.safetensors").train_state["step"] == 3
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_resumes(tmp_path):
+    """A scheduler ends a torchrun job with SIGTERM, which torchrun passes to every rank: the
+    ranks finish the step they are in, agree in the step's all-reduce on where to stop, rank 0
+    writes that step's checkpoint and says so once, and the same command carries on from it.
+    (Ranks that stopped at different steps would leave one waiting in an all-reduce: an error.)"""
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            *_train_argv(run_dir, "--steps", "400", "--checkpoint-every", "1000", "--dist-timeout", "60")]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    from kshot.services.checkpoint import load_checkpoint
+
+    step = load_checkpoint(run_dir / "last.safetensors").train_state["step"]
+    assert 5 <= step < 400, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("kshot:")]
+    assert lines == [f"kshot: stopped by SIGTERM after step {step} of 400; {run_dir / 'last.safetensors'} "
+                     f"holds it: the same command resumes from there"], err[-3000:]
+    assert "error" not in "\n".join(lines)
+    resumed = subprocess.run([sys.executable, *_train_argv(run_dir, "--steps", str(step + 3),
+                                                           "--checkpoint-every", "1000")],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _records(run_dir)] == list(range(1, step + 4))  # nothing lost or repeated
+
+
 def test_end_process_keeps_what_was_printed_and_the_exit_status():
     """kshot under torchrun leaves with os._exit (skipping torch's exit-time teardown, which can
     abort a finished process): what was printed, still in the pipes' buffers, must get out, and
